@@ -1,0 +1,3 @@
+from slurmproxy.cli import main
+
+raise SystemExit(main())

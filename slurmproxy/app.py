@@ -1,0 +1,119 @@
+"""Application assembly: lifespan, the proxy's own endpoints, and the catch-all proxy route.
+
+The proxy's own endpoints live under ``/_slurmproxy/`` (never a slurmrestd path):
+
+* ``/_slurmproxy/live``: liveness, no I/O;
+* ``/_slurmproxy/ready``: readiness with details: keys loaded for every issuer, policy loaded,
+  slurmrestd answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from slurmproxy.errors import DependencyError
+from slurmproxy.proxy import ProxyEndpoint
+from slurmproxy.responses import json_response
+from slurmproxy.runtime import Runtime, open_runtime
+from slurmproxy.settings import Settings, load_settings
+
+logger = logging.getLogger("slurmproxy")
+CONFIG_ENV = "SLURMPROXY_CONFIG"
+PREFIX = "/_slurmproxy"
+_READY_CACHE_SECONDS = 2.0
+
+
+async def live(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def _upstream_answers(runtime: Runtime) -> tuple[bool, str]:
+    try:
+        response = await runtime.upstream.get("/openapi/v3", timeout=2.0, headers={"x-request-id": "readiness"})
+    except httpx.HTTPError as exc:
+        return False, f"slurmrestd unreachable ({type(exc).__name__})"
+    return True, f"slurmrestd answered HTTP {response.status_code}"
+
+
+async def _keys_loaded(runtime: Runtime) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for provider in runtime.providers:
+        if not provider.keys_loaded:
+            try:
+                await provider.refresh_keys()
+            except DependencyError as exc:
+                result[provider.issuer] = f"keys not loaded: {exc.detail}"
+                continue
+        result[provider.issuer] = "keys loaded"
+    return result
+
+
+async def ready(request: Request) -> Response:
+    runtime: Runtime = request.state.runtime
+    cache: dict[str, Any] = request.state.ready_cache
+    now = time.monotonic()
+    if cache.get("until", 0.0) > now:
+        return json_response(cache["body"], cache["status"])
+    upstream_ok, upstream_detail = await _upstream_answers(runtime)
+    keys = await _keys_loaded(runtime)
+    keys_ok = all(v == "keys loaded" for v in keys.values()) and bool(keys)
+    body = {
+        "status": "ready" if upstream_ok and keys_ok else "not ready",
+        "checks": {
+            "issuers": keys,
+            "policy": {"rules": len(runtime.policy.rules), "digest": runtime.policy.digest},
+            "upstream": upstream_detail,
+        },
+    }
+    status = 200 if upstream_ok and keys_ok else 503
+    cache.update(until=now + _READY_CACHE_SECONDS, body=body, status=status)
+    return json_response(body, status)
+
+
+async def _warm(runtime: Runtime) -> None:
+    async def one(provider: Any) -> None:
+        try:
+            await provider.refresh_keys()
+        except DependencyError as exc:
+            logger.warning("could not load keys for %s at start-up: %s", provider.issuer, exc.detail)
+
+    await asyncio.gather(*(one(p) for p in runtime.providers))
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the ASGI app. Without settings, reads the file named by $SLURMPROXY_CONFIG (for uvicorn workers)."""
+    if settings is None:
+        path = os.environ.get(CONFIG_ENV)
+        settings = load_settings(Path(path) if path else None)
+    final_settings = settings
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with open_runtime(final_settings) as runtime:
+            # Load keys in the background: readiness reports them; a provider outage must not block start-up.
+            warm = asyncio.create_task(_warm(runtime))
+            try:
+                yield {"runtime": runtime, "ready_cache": {}}
+            finally:
+                warm.cancel()
+                await asyncio.gather(warm, return_exceptions=True)
+
+    routes = [
+        Route(f"{PREFIX}/live", live, methods=["GET"]),
+        Route(f"{PREFIX}/ready", ready, methods=["GET"]),
+        Route("/{path:path}", ProxyEndpoint()),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,272 @@
+"""Load policy files into a :class:`Policy`, or fail with every error, each naming file, rule and field."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from slurmproxy.entitlements import EntitlementRequirement, requirement_from_string
+from slurmproxy.errors import ProxyError
+from slurmproxy.policy.model import (
+    EntitlementSpec,
+    OperationSpec,
+    PolicyFile,
+    RuleSpec,
+    ServiceAccountMap,
+    TableFile,
+    TableSpec,
+)
+from slurmproxy.policy.operations import Operation, builtin_operations, operation
+from slurmproxy.policy.rules import MappingStep, Policy, Rule
+
+POLICY_SUFFIXES = (".yaml", ".yml")
+
+
+class PolicyError(ProxyError):
+    """One or more policy files are invalid. ``errors`` lists every problem found."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        super().__init__("\n".join(errors), reason="policy_invalid")
+        self.errors = list(errors)
+
+
+def policy_files(paths: Iterable[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix in POLICY_SUFFIXES and p.is_file()))
+        else:
+            files.append(path)
+    return files
+
+
+def _where(raw: Any, loc: Sequence[int | str]) -> str:
+    out: list[str] = []
+    node: Any = raw
+    for part in loc:
+        if isinstance(part, int):
+            label = f"[{part}]"
+            if isinstance(node, list) and part < len(node):
+                node = node[part]
+                if isinstance(node, dict) and isinstance(node.get("id"), str) and out and out[-1] == "rules":
+                    label += f" (id={node['id']})"
+            out.append(label)
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+            out.append(("." if out else "") + str(part))
+    return "".join(out) or "(top level)"
+
+
+def _read_yaml(path: Path, errors: list[str]) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        errors.append(f"{path}: cannot read: {exc.strerror}")
+    except yaml.YAMLError as exc:
+        errors.append(f"{path}: not valid YAML: {exc}")
+    return None
+
+
+def _validate_file(path: Path, raw: Any, errors: list[str]) -> PolicyFile | None:
+    try:
+        return PolicyFile.model_validate(raw if raw is not None else {})
+    except ValidationError as exc:
+        for err in exc.errors():
+            errors.append(f"{path}: {_where(raw, err['loc'])}: {err['msg']}")
+        return None
+
+
+def _table_references(path: Path, raw: Any) -> set[Path]:
+    """Files a policy file names as mapping tables: they sit beside policies but are not policies."""
+    refs: set[Path] = set()
+    tables = raw.get("tables") if isinstance(raw, dict) else None
+    if isinstance(tables, dict):
+        for spec in tables.values():
+            file = spec.get("file") if isinstance(spec, dict) else None
+            if isinstance(file, str):
+                refs.add((path.parent / file).resolve())
+    return refs
+
+
+def _read_table(spec: TableSpec, base: Path, name: str, source: Path, errors: list[str]) -> dict[tuple[str, str], str]:
+    table: dict[tuple[str, str], str] = {}
+    entries = list(spec.entries)
+    if spec.file is not None:
+        file = spec.file if spec.file.is_absolute() else base / spec.file
+        if file.suffix == ".csv":
+            try:
+                with file.open(newline="", encoding="utf-8") as handle:
+                    for n, row in enumerate(csv.DictReader(handle), start=2):
+                        if not row.get("issuer") or not row.get("subject") or not row.get("user"):
+                            errors.append(f"{file}: line {n}: needs issuer, subject and user")
+                            continue
+                        entries.append(TableFile.model_validate({"entries": [row]}).entries[0])
+            except OSError as exc:
+                errors.append(f"{source}: tables.{name}.file: cannot read {file}: {exc.strerror}")
+        else:
+            before = len(errors)
+            raw = _read_yaml(file, errors)
+            if len(errors) > before:
+                return table
+            try:
+                entries.extend(TableFile.model_validate(raw or {}).entries)
+            except ValidationError as exc:
+                for err in exc.errors():
+                    errors.append(f"{file}: {_where(raw, err['loc'])}: {err['msg']}")
+    for entry in entries:
+        key = (entry.issuer, entry.subject)
+        if key in table and table[key] != entry.user:
+            errors.append(f"{source}: tables.{name}: {entry.subject} from {entry.issuer} is mapped twice")
+        table[key] = entry.user
+    return table
+
+
+def _requirement(spec: str | EntitlementSpec) -> EntitlementRequirement:
+    if isinstance(spec, str):
+        return requirement_from_string(spec)
+    return EntitlementRequirement(
+        namespace=spec.namespace.lower(),
+        group=spec.group,
+        subgroups=None if spec.subgroups == "any" else tuple(spec.subgroups),
+        role=spec.role,
+        authority=spec.authority.lower() if spec.authority else None,
+    )
+
+
+def _compile_rule(
+    spec: RuleSpec,
+    index: int,
+    source: Path,
+    groups: dict[str, tuple[Operation, ...]],
+    tables: dict[str, Any],
+    errors: list[str],
+) -> Rule | None:
+    where = f"{source}: rules[{index}] (id={spec.id})"
+    requirements: list[EntitlementRequirement] = []
+    for n, ent in enumerate(spec.entitlements):
+        try:
+            requirements.append(_requirement(ent))
+        except ValueError as exc:
+            errors.append(f"{where}.entitlements[{n}]: {exc}")
+    operations: list[Operation] = []
+    for n, item in enumerate(spec.allow):
+        if isinstance(item, OperationSpec):
+            try:
+                operations.append(operation(item.methods, item.path, f"{spec.id}#{n}"))
+            except ValueError as exc:
+                errors.append(f"{where}.allow[{n}]: {exc}")
+        elif item in groups:
+            operations.extend(groups[item])
+        else:
+            errors.append(f"{where}.allow[{n}]: unknown operation group {item!r} (known: {', '.join(sorted(groups))})")
+    mapping: list[MappingStep] = []
+    for n, step in enumerate(spec.mapping):
+        if isinstance(step, ServiceAccountMap):
+            mapping.append(MappingStep("service_account", step.service_account))
+        elif step.table not in tables:
+            errors.append(f"{where}.mapping[{n}]: unknown table {step.table!r}")
+        else:
+            mapping.append(MappingStep("table", step.table))
+    return Rule(
+        id=spec.id,
+        source=str(source),
+        description=spec.description,
+        issuers=frozenset(spec.issuers) if spec.issuers is not None else None,
+        subjects=frozenset(spec.subjects) if spec.subjects is not None else None,
+        requirements=tuple(requirements),
+        allow=tuple(a if isinstance(a, str) else f"{','.join(a.methods)} {a.path}" for a in spec.allow),
+        operations=tuple(operations),
+        mapping=tuple(mapping),
+    )
+
+
+def _load_shared(
+    parsed: list[tuple[Path, PolicyFile]], errors: list[str]
+) -> tuple[dict[str, tuple[Operation, ...]], dict[str, dict[tuple[str, str], str]]]:
+    """Operation groups (built-in plus every file's) and mapping tables, shared by all rules."""
+    groups = builtin_operations()
+    tables: dict[str, dict[tuple[str, str], str]] = {}
+    for file, pf in parsed:
+        for name, ops in pf.operations.items():
+            if name in groups:
+                errors.append(f"{file}: operations.{name}: the group is already defined")
+                continue
+            try:
+                groups[name] = tuple(operation(o.methods, o.path, name) for o in ops)
+            except ValueError as exc:
+                errors.append(f"{file}: operations.{name}: {exc}")
+        for name, table_spec in pf.tables.items():
+            if name in tables:
+                errors.append(f"{file}: tables.{name}: the table is already defined")
+                continue
+            tables[name] = _read_table(table_spec, file.parent, name, file, errors)
+    return groups, tables
+
+
+def _check_issuers(file: Path, index: int, spec: RuleSpec, trusted: set[str] | None, errors: list[str]) -> None:
+    if trusted is None:
+        return
+    for n, iss in enumerate(spec.issuers or []):
+        if iss not in trusted:
+            errors.append(f"{file}: rules[{index}] (id={spec.id}).issuers[{n}]: {iss!r} is not a configured issuer")
+
+
+def _read_files(files: list[Path], errors: list[str]) -> tuple[list[tuple[Path, PolicyFile]], str]:
+    raws: list[tuple[Path, Any]] = []
+    digest = hashlib.sha256()
+    for file in files:
+        if not file.exists():
+            errors.append(f"{file}: no such file")
+            continue
+        digest.update(file.read_bytes())
+        before = len(errors)
+        raw = _read_yaml(file, errors)
+        if len(errors) == before:
+            raws.append((file, raw))
+    table_files: set[Path] = set()
+    for file, raw in raws:
+        table_files |= _table_references(file, raw)
+    parsed: list[tuple[Path, PolicyFile]] = []
+    for file, raw in raws:
+        if file.resolve() in table_files:
+            continue
+        policy_file = _validate_file(file, raw, errors)
+        if policy_file is not None:
+            parsed.append((file, policy_file))
+    return parsed, digest.hexdigest()[:16]
+
+
+def load_policy(paths: Iterable[Path], *, trusted_issuers: Iterable[str] | None = None) -> Policy:
+    """Read, validate and compile every policy file; raise PolicyError listing all problems."""
+    errors: list[str] = []
+    files = policy_files(paths)
+    if not files:
+        raise PolicyError(["no policy files found (policy.paths)"])
+    parsed, digest = _read_files(files, errors)
+    groups, tables = _load_shared(parsed, errors)
+    rules: list[Rule] = []
+    seen: dict[str, Path] = {}
+    trusted = set(trusted_issuers) if trusted_issuers is not None else None
+    for file, pf in parsed:
+        for index, spec in enumerate(pf.rules):
+            if spec.id in seen:
+                errors.append(f"{file}: rules[{index}] (id={spec.id}): id already used in {seen[spec.id]}")
+            seen[spec.id] = file
+            _check_issuers(file, index, spec, trusted, errors)
+            rule = _compile_rule(spec, index, file, groups, tables, errors)
+            if rule is not None:
+                rules.append(rule)
+    if errors:
+        raise PolicyError(errors)
+    return Policy(
+        rules=tuple(rules),
+        tables={k: dict(v) for k, v in tables.items()},
+        sources=tuple(str(f) for f in files),
+        digest=digest,
+    )

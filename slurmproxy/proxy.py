@@ -1,0 +1,186 @@
+"""The request pipeline, readable top to bottom:
+
+canonical path → authenticate → authorize (policy) → map identity → forward → audit → respond.
+
+The audit record is written before the response starts, so a request the proxy answered always
+has its record; the client's credentials never reach slurmrestd.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from slurmproxy.audit import AuditRecord, AuditWriteError
+from slurmproxy.errors import (
+    AuthorizationError,
+    BadRequestError,
+    DependencyError,
+    PayloadTooLargeError,
+    ProxyError,
+)
+from slurmproxy.paths import canonical_path, check_query
+from slurmproxy.policy import evaluate
+from slurmproxy.responses import error_response
+from slurmproxy.runtime import Runtime
+from slurmproxy.upstream import UpstreamResponse, client_headers, normalized, send
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,128}")
+_BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+MAX_INSPECTED_RESPONSE = 1024 * 1024
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _headers(scope: Scope, name: bytes) -> list[str]:
+    return [value.decode("latin-1") for key, value in scope["headers"] if key == name]
+
+
+def request_id_of(scope: Scope, header: bytes) -> str:
+    supplied = _header(scope, header)
+    if supplied is not None and _REQUEST_ID.fullmatch(supplied):
+        return supplied
+    return uuid.uuid4().hex
+
+
+async def _stream_body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequestError("the client went away while sending the body", reason="client_disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"the request body is larger than {limit} bytes")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in _stream_body(receive, limit)])
+
+
+async def _request_content(scope: Scope, receive: Receive, limit: int) -> bytes | AsyncIterator[bytes] | None:
+    """The body to forward: streamed when the client sent Content-Length, else read whole (bounded)."""
+    method = scope["method"]
+    length = _header(scope, b"content-length")
+    chunked = _header(scope, b"transfer-encoding") is not None
+    if length is None and not chunked:
+        return None if method in _BODYLESS else b""
+    if length is not None:
+        if not length.isdigit():
+            raise BadRequestError("Content-Length is not a number", reason="bad_content_length")
+        if int(length) > limit:
+            raise PayloadTooLargeError(f"the request body is larger than {limit} bytes")
+        return _stream_body(receive, limit)
+    return await read_body(receive, limit)
+
+
+def job_id_from(body: bytes) -> int | None:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    job_id = data.get("job_id")
+    if job_id is None and isinstance(data.get("result"), dict):
+        job_id = data["result"].get("job_id")
+    return job_id if isinstance(job_id, int) and not isinstance(job_id, bool) else None
+
+
+class ProxyEndpoint:
+    """ASGI endpoint for every slurmrestd path."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send_: Send) -> None:
+        runtime: Runtime = scope["state"]["runtime"]
+        settings = runtime.settings
+        request_id = request_id_of(scope, settings.server.request_id_header.lower().encode())
+        record = AuditRecord(
+            request_id=request_id,
+            method=scope["method"],
+            path=scope.get("raw_path", scope["path"].encode()).decode("latin-1")[:512],
+            client=scope["client"][0] if scope.get("client") else None,
+            user_agent=(_header(scope, b"user-agent") or "")[:256] or None,
+        )
+        upstream: UpstreamResponse | None = None
+        try:
+            response, upstream = await self._handle(scope, receive, runtime, record)
+        except ProxyError as error:
+            record.status = error.status_code
+            record.reason = error.reason
+            record.detail = error.detail
+            record.decision = "deny" if error.status_code < 500 else "error"
+            response = error_response(error, request_id)
+        try:
+            runtime.audit.emit(record)
+        except AuditWriteError:
+            if upstream is not None:
+                await upstream.aclose()
+            response = error_response(
+                DependencyError("the audit log cannot be written; refusing to answer", reason="audit_unavailable"),
+                request_id,
+            )
+        await response(scope, receive, send_)
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, runtime: Runtime, record: AuditRecord
+    ) -> tuple[Response, UpstreamResponse | None]:
+        method: str = scope["method"]
+        path = canonical_path(scope.get("raw_path") or scope["path"].encode())
+        record.path = path
+        query = check_query(scope.get("query_string", b""))
+
+        principal = await runtime.tokens.authenticate(_headers(scope, b"authorization"))
+        record.issuer, record.subject = principal.issuer, principal.subject
+
+        policy = runtime.policy  # a reload swaps the attribute; this request keeps the policy it started with
+        decision = evaluate(policy, principal, method, path)
+        if not decision.allowed or decision.rule is None or decision.operation is None:
+            raise AuthorizationError(decision.detail, reason=decision.reason)
+        record.rule, record.operation, record.entitlement = (
+            decision.rule.id,
+            decision.operation.group,
+            decision.entitlement,
+        )
+
+        account = await runtime.mapper.map(policy, decision.rule, principal)
+        record.local_user, record.mapping = account.name, account.source
+
+        content = await _request_content(scope, receive, runtime.settings.server.max_body_bytes)
+        rid_header = runtime.settings.server.request_id_header.lower().encode()
+        headers = [(k, v) for k, v in client_headers(scope["headers"]) if normalized(k) != rid_header]
+        headers.extend(runtime.credentials.headers_for(account.name))
+        headers.append((rid_header, record.request_id.encode()))
+        length = _header(scope, b"content-length")
+        if length is not None:
+            headers.append((b"content-length", length.encode()))
+        upstream = await send(runtime.upstream, method=method, path=path, query=query, headers=headers, content=content)
+        record.upstream_status = record.status = upstream.status_code
+        record.decision, record.reason, record.detail = "allow", "allowed", None
+        raw_headers = [(k, v) for k, v in upstream.headers if normalized(k) != b"x-request-id"]
+        raw_headers.append((b"x-request-id", record.request_id.encode()))
+        if decision.operation.group == "submit":
+            body = await upstream.body(MAX_INSPECTED_RESPONSE)
+            await upstream.aclose()
+            record.job_id = job_id_from(body)
+            response = Response(body, status_code=upstream.status_code)
+            response.raw_headers = [(k, v) for k, v in raw_headers if k.lower() != b"content-length"]
+            response.raw_headers.append((b"content-length", str(len(body)).encode()))
+            return response, None
+        streaming = StreamingResponse(upstream.stream(), status_code=upstream.status_code)
+        streaming.raw_headers = raw_headers
+        return streaming, upstream

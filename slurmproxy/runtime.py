@@ -1,0 +1,74 @@
+"""Everything a running proxy holds, built once at start-up and shared by all requests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+
+from slurmproxy.audit import AuditLog
+from slurmproxy.credentials import SlurmCredentials, credentials_from
+from slurmproxy.identity import AccountGuard, IdentityMapper
+from slurmproxy.policy import Policy, load_policy
+from slurmproxy.provider import ProviderClient
+from slurmproxy.settings import Settings
+from slurmproxy.tokens import TokenValidator
+from slurmproxy.upstream import create_client
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    tokens: TokenValidator
+    policy: Policy
+    mapper: IdentityMapper
+    credentials: SlurmCredentials
+    upstream: httpx.AsyncClient
+    audit: AuditLog
+
+    @property
+    def providers(self) -> list[ProviderClient]:
+        return list(self.tokens.providers.values())
+
+
+def load_runtime_policy(settings: Settings) -> Policy:
+    return load_policy(settings.policy.paths, trusted_issuers=[i.issuer for i in settings.oidc.issuers])
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """Build the runtime; close every client and file on exit."""
+    policy = load_runtime_policy(settings)
+    credentials = credentials_from(settings.upstream)
+    audit = AuditLog(settings.audit)
+    audit.open()
+    provider_http = httpx.AsyncClient(
+        timeout=settings.oidc.http_timeout_seconds, follow_redirects=False, trust_env=False
+    )
+    upstream = create_client(settings.upstream)
+    try:
+        providers = {
+            i.issuer: ProviderClient(
+                i,
+                provider_http,
+                timeout=settings.oidc.http_timeout_seconds,
+                cache_seconds=settings.oidc.jwks_cache_seconds,
+            )
+            for i in settings.oidc.issuers
+        }
+        tokens = TokenValidator(providers, max_token_bytes=settings.server.max_token_bytes)
+        yield Runtime(
+            settings=settings,
+            tokens=tokens,
+            policy=policy,
+            mapper=IdentityMapper(AccountGuard(settings.identity)),
+            credentials=credentials,
+            upstream=upstream,
+            audit=audit,
+        )
+    finally:
+        await upstream.aclose()
+        await provider_http.aclose()
+        audit.close()

@@ -1,0 +1,256 @@
+"""Process configuration: one YAML file, overridable by ``SLURMPROXY_*`` environment variables.
+
+Precedence (highest first): environment variables (``SLURMPROXY_UPSTREAM__URL``, nested with
+``__``), then the YAML file given to ``slurmproxy serve --config FILE``, then the defaults below.
+Relative paths in the file are resolved against the file's directory. Secrets are never values
+here: only paths to files that hold them (``*_file``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from slurmproxy.errors import ProxyError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_MAX_TOKEN_BYTES = 16 * 1024
+DEFAULT_LEEWAY_SECONDS = 30
+DEFAULT_ALGORITHMS = ("RS256", "ES256")
+DEFAULT_HTTP_TIMEOUT_SECONDS = 5.0
+DEFAULT_JWKS_CACHE_SECONDS = 3600
+DEFAULT_UPSTREAM_TIMEOUT_SECONDS = 60.0
+DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS = 5.0
+DEFAULT_UPSTREAM_MAX_CONNECTIONS = 100
+DEFAULT_SLURM_JWT_LIFETIME_SECONDS = 300
+DEFAULT_MIN_UID = 1000
+DEFAULT_SLURM_USER = "slurm"
+DEFAULT_ENTITLEMENT_CLAIMS = ("eduperson_entitlement", "entitlements")
+
+# Asymmetric JWS algorithms only (RFC 7518 §3.1). "none" and the HMAC family can never be allowed for
+# an identity provider: an HS256 token "signed" with the provider's public key must not validate.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519"}
+)
+
+_base_dir: contextvars.ContextVar[Path | None] = contextvars.ContextVar("slurmproxy_config_dir", default=None)
+_yaml_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("slurmproxy_yaml", default=None)
+
+
+def _resolve(path: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else ((_base_dir.get() or Path.cwd()) / path)
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = Field(DEFAULT_HOST, description=f"Address to listen on. Defaults to {DEFAULT_HOST}.")
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description=f"TCP port. Defaults to {DEFAULT_PORT}.")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes. Defaults to 1.")
+    request_id_header: str = Field("X-Request-ID", description="Header carrying the request id.")
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES, ge=1024, description="Largest request body accepted (413 above). Defaults to 1 MiB."
+    )
+    max_token_bytes: int = Field(
+        DEFAULT_MAX_TOKEN_BYTES, ge=512, description="Longest bearer token accepted (401 above). Defaults to 16 KiB."
+    )
+
+
+class IssuerSettings(_Section):
+    issuer: str = Field(description="The exact `iss` value; tokens naming any other issuer are refused.")
+    audiences: tuple[str, ...] = Field(
+        (), description="If set, the token's `aud` must contain one of these. Defaults to no audience check."
+    )
+    algorithms: tuple[str, ...] = Field(DEFAULT_ALGORITHMS, description="Allowed JWS algorithms (asymmetric only).")
+    jwks_uri: str | None = Field(
+        None, description="Key set URL. Defaults to the `jwks_uri` of the issuer's OIDC discovery document."
+    )
+    leeway_seconds: int = Field(DEFAULT_LEEWAY_SECONDS, ge=0, le=300, description="Clock skew allowed on exp/nbf.")
+    subject_claim: str = Field("sub", description="Claim that identifies the user. Defaults to `sub`.")
+    entitlement_claims: tuple[str, ...] = Field(
+        DEFAULT_ENTITLEMENT_CLAIMS, description="Claims read for AARC entitlements."
+    )
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_is_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError(f"issuer must be an http(s) URL, got {value!r}")
+        return value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one algorithm is required")
+        bad = [alg for alg in value if alg not in ASYMMETRIC_ALGORITHMS]
+        if bad:
+            raise ValueError(f"not an allowed asymmetric JWS algorithm: {', '.join(bad)}")
+        return value
+
+
+class OidcSettings(_Section):
+    issuers: tuple[IssuerSettings, ...] = Field((), description="Trusted token issuers. Nothing else is trusted.")
+    http_timeout_seconds: float = Field(
+        DEFAULT_HTTP_TIMEOUT_SECONDS, gt=0, le=60, description="Timeout of every call to a provider."
+    )
+    jwks_cache_seconds: int = Field(DEFAULT_JWKS_CACHE_SECONDS, ge=10, description="How long a key set is reused.")
+
+    @model_validator(mode="after")
+    def _unique_issuers(self) -> OidcSettings:
+        seen = [i.issuer for i in self.issuers]
+        dupes = sorted({i for i in seen if seen.count(i) > 1})
+        if dupes:
+            raise ValueError(f"issuer configured twice: {', '.join(dupes)}")
+        return self
+
+
+class UpstreamSettings(_Section):
+    url: str = Field(description="slurmrestd: `http://host:port` or `unix:/path/to/socket`.")
+    auth: Literal["mint", "service_token"] = Field(
+        "mint",
+        description="`mint`: sign a short-lived Slurm JWT per user with jwt_key_file. "
+        "`service_token`: send the SlurmUser token in service_token_file with X-SLURM-USER-NAME.",
+    )
+    jwt_key_file: ConfigPath | None = Field(None, description="Slurm's jwt_hs256.key (auth: mint).")
+    service_token_file: ConfigPath | None = Field(None, description="A SlurmUser token (auth: service_token).")
+    jwt_lifetime_seconds: int = Field(DEFAULT_SLURM_JWT_LIFETIME_SECONDS, ge=30, le=86400)
+    timeout_seconds: float = Field(DEFAULT_UPSTREAM_TIMEOUT_SECONDS, gt=0, description="Read timeout (504 after).")
+    connect_timeout_seconds: float = Field(DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS, gt=0)
+    max_connections: int = Field(DEFAULT_UPSTREAM_MAX_CONNECTIONS, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://", "unix:")):
+            raise ValueError(f"upstream url must start with http://, https:// or unix:, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _credential_present(self) -> UpstreamSettings:
+        if self.auth == "mint" and self.jwt_key_file is None:
+            raise ValueError("auth 'mint' needs jwt_key_file")
+        if self.auth == "service_token" and self.service_token_file is None:
+            raise ValueError("auth 'service_token' needs service_token_file")
+        return self
+
+
+class IdentitySettings(_Section):
+    min_uid: int = Field(DEFAULT_MIN_UID, ge=1, description="Local accounts below this uid are refused.")
+    slurm_user: str = Field(DEFAULT_SLURM_USER, description="The cluster's SlurmUser; never mapped to.")
+    denied_users: tuple[str, ...] = Field(("root",), description="Accounts never mapped to (root always is).")
+    require_local_account: bool = Field(
+        False, description="Refuse accounts that do not exist in this host's user database."
+    )
+
+
+class PolicySettings(_Section):
+    paths: tuple[ConfigPath, ...] = Field(
+        (Path("policies"),),
+        validate_default=True,
+        description="Policy files or directories of *.yaml files, read in name order."
+    )
+
+
+class AuditSettings(_Section):
+    sink: Literal["stdout", "file"] = Field("stdout", description="Where audit records go.")
+    file: ConfigPath | None = Field(None, description="The audit file when sink is `file`.")
+
+    @model_validator(mode="after")
+    def _file_for_file_sink(self) -> AuditSettings:
+        if self.sink == "file" and self.file is None:
+            raise ValueError("sink 'file' needs file")
+        return self
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = Field(False, alias="json", description="Application logs as JSON lines.")
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_yaml_data.get() or {})
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLURMPROXY_", env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
+    upstream: UpstreamSettings
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class ConfigError(ProxyError):
+    """A configuration or policy file is invalid. The message names the file and every bad field."""
+
+
+def format_validation_errors(source: str, errors: list[dict[str, Any]]) -> str:
+    lines = [f"{source}: {len(errors)} error(s)"]
+    for err in errors:
+        where = ".".join(str(part) for part in err.get("loc", ())) or "(top level)"
+        lines.append(f"  {where}: {err.get('msg', 'invalid')}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None, **overrides: Any) -> Settings:
+    """Read and validate the config file (plus environment); raise ConfigError naming file and field."""
+    from pydantic import ValidationError
+
+    data: dict[str, Any] = {}
+    base = Path.cwd()
+    source = "environment"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded
+        base = path.resolve().parent
+    base_token = _base_dir.set(base)
+    data_token = _yaml_data.set(data)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_errors(source, list(exc.errors()))) from exc  # type: ignore[arg-type]
+    finally:
+        _yaml_data.reset(data_token)
+        _base_dir.reset(base_token)

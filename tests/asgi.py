@@ -1,0 +1,27 @@
+"""Run the app in-process with its lifespan, and talk to it through httpx's ASGI transport."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+from slurmproxy.app import create_app
+from slurmproxy.settings import Settings
+
+
+@asynccontextmanager
+async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app) as state:
+
+        async def with_state(scope: Scope, receive: Receive, send: Send) -> None:
+            scope = dict(scope)
+            scope["state"] = dict(state or {})
+            await app(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=with_state, client=("203.0.113.5", 4242))
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy.test") as client:
+            yield client

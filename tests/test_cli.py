@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slurmproxy import __version__
+from slurmproxy.cli import EXIT_CONFIG, main
+from slurmproxy.runtime import load_runtime_policy
+from slurmproxy.settings import load_settings
+from tests.helpers import basic_policy, make_settings
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.strip() == __version__
+
+
+def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_settings(tmp_path)
+    assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 0
+    assert "configuration OK" in capsys.readouterr().out
+
+
+def test_check_config_reports_bad_policy_with_file_and_rule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_settings(tmp_path, basic_policy(allow=["nope"]))
+    assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "policy.yaml" in err and "rules[0] (id=members).allow[0]" in err
+
+
+def test_serve_refuses_bad_config_before_binding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_settings(tmp_path)
+    config = tmp_path / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["upstream"]["jwt_key_file"] = str(tmp_path / "missing.key")
+    config.write_text(yaml.safe_dump(data))
+    assert main(["serve", "--config", str(config), "--port", "1"]) == EXIT_CONFIG
+    assert "missing.key" in capsys.readouterr().err
+
+
+def test_serve_refuses_invalid_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("server: {port: nope}\nupstream: {url: 'http://x', jwt_key_file: k}\n")
+    assert main(["serve", "--config", str(config)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert str(config) in err and "server.port" in err
+
+
+def test_shipped_example_config_and_policy_are_valid() -> None:
+    root = Path(__file__).resolve().parent.parent
+    settings = load_settings(root / "examples" / "config.yaml")
+    assert settings.oidc.issuers[0].issuer == "https://aai.egi.eu/auth/realms/egi"
+    assert load_runtime_policy(settings).rules

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+from slurmproxy.errors import BadRequestError
+from slurmproxy.paths import canonical_path, check_query
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"/slurm/v0.0.38/jobs", "/slurm/v0.0.38/jobs"),
+        (b"/slurm/v0.0.38/jobs/", "/slurm/v0.0.38/jobs/"),
+        (b"/slurm/v0.0.38/job/%31%32", "/slurm/v0.0.38/job/12"),
+        (b"/openapi.json", "/openapi.json"),
+        (b"/", "/"),
+    ],
+)
+def test_canonical(raw: bytes, expected: str) -> None:
+    assert canonical_path(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"/slurm/v0.0.38/../v0.0.38/jobs", id="dotdot"),
+        pytest.param(b"/slurm/v0.0.38/./jobs", id="dot"),
+        pytest.param(b"/slurm/v0.0.38/%2e%2e/jobs", id="encoded-dotdot"),
+        pytest.param(b"/slurm/v0.0.38/%2E%2E/jobs", id="encoded-dotdot-upper"),
+        pytest.param(b"/slurm/v0.0.38/job%2Fsubmit", id="encoded-slash"),
+        pytest.param(b"/slurm//v0.0.38/jobs", id="double-slash"),
+        pytest.param(b"//slurm/v0.0.38/jobs", id="leading-double-slash"),
+        pytest.param(b"/slurm/v0.0.38/jobs;x=1", id="semicolon"),
+        pytest.param(b"/slurm/v0.0.38/jobs.", id="trailing-dot"),
+        pytest.param(b"/slurm/v0.0.38\\jobs", id="backslash"),
+        pytest.param(b"/slurm/v0.0.38/j\xc3\xb6bs", id="non-ascii"),
+        pytest.param(b"/slurm/v0.0.38/jobs%00", id="nul"),
+        pytest.param(b"/slurm/v0.0.38/jobs%", id="bad-escape"),
+        pytest.param(b"/slurm/v0.0.38/jobs%2", id="short-escape"),
+        pytest.param(b"/slurm/v0.0.38/%252e%252e/jobs", id="double-encoded"),
+        pytest.param(b"slurm/v0.0.38/jobs", id="relative"),
+        pytest.param(b"/" + b"a" * 3000, id="too-long"),
+    ],
+)
+def test_refused(raw: bytes) -> None:
+    with pytest.raises(BadRequestError) as err:
+        canonical_path(raw)
+    assert err.value.reason == "bad_path"
+
+
+@given(st.binary(max_size=200))
+def test_canonical_is_a_fixed_point_or_refused(raw: bytes) -> None:
+    try:
+        path = canonical_path(b"/" + raw)
+    except BadRequestError:
+        return
+    assert canonical_path(path.encode()) == path
+    segments = [s for s in path.split("/") if s]
+    assert ".." not in segments and "." not in segments
+    assert "%" not in path and "//" not in path
+
+
+def test_query_must_be_printable_ascii() -> None:
+    assert check_query(b"update_time=1&flags=x") == b"update_time=1&flags=x"
+    with pytest.raises(BadRequestError):
+        check_query(b"a=\r\nX-Injected: 1")

@@ -1,0 +1,217 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from joserfc import jwt
+from joserfc.jwk import OctKey
+from pytest_httpx import HTTPXMock
+
+from tests.asgi import app_client
+from tests.helpers import ISSUER, JWKS_URI, OTHER_VO, UPSTREAM, Signer, discovery, make_settings
+
+pytestmark = pytest.mark.anyio
+SUBMIT = "/slurm/v0.0.38/job/submit"
+JOB = {"script": "#!/bin/bash\nid", "job": {"environment": {"PATH": "/bin"}, "current_working_directory": "/tmp"}}
+
+
+@pytest.fixture
+def signer(httpx_mock: HTTPXMock) -> Signer:
+    signer = Signer()
+    httpx_mock.add_response(
+        url=f"{ISSUER}/.well-known/openid-configuration", json=discovery(), is_reusable=True, is_optional=True
+    )
+    httpx_mock.add_response(url=JWKS_URI, json=signer.jwks(), is_reusable=True, is_optional=True)
+    return signer
+
+
+def audit_lines(tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def upstream_requests(httpx_mock: HTTPXMock) -> list[httpx.Request]:
+    return [r for r in httpx_mock.get_requests() if str(r.url).startswith(UPSTREAM)]
+
+
+async def test_submit_is_forwarded_as_the_mapped_user(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
+    httpx_mock.add_response(url=f"{UPSTREAM}{SUBMIT}", method="POST", json={"job_id": 42, "errors": []})
+    settings = make_settings(tmp_path)
+    headers = {
+        "Authorization": f"Bearer {signer.token()}",
+        "X-SLURM-USER-NAME": "root",
+        "x_slurm_user_token": "forged",
+        "X-Request-ID": "req-123",
+    }
+    async with app_client(settings) as client:
+        response = await client.post(SUBMIT, json=JOB, headers=headers)
+    assert response.status_code == 200
+    assert response.json()["job_id"] == 42
+    assert response.headers["x-request-id"] == "req-123"
+    (sent,) = upstream_requests(httpx_mock)
+    assert json.loads(sent.content) == JOB
+    assert sent.headers["x-slurm-user-name"] == "alice"
+    assert "authorization" not in sent.headers
+    assert sent.headers["x-request-id"] == "req-123"
+    assert [k for k, _ in sent.headers.raw if k.lower().replace(b"_", b"-").startswith(b"x-slurm-")] == [
+        b"x-slurm-user-name",
+        b"x-slurm-user-token",
+    ]
+    claims = jwt.decode(sent.headers["x-slurm-user-token"], OctKey.import_key(b"k" * 32), algorithms=["HS256"]).claims
+    assert claims["sun"] == "alice"
+    (record,) = audit_lines(tmp_path)
+    assert record["decision"] == "allow"
+    assert record["job_id"] == 42
+    assert record["local_user"] == "alice" and record["mapping"] == "table:users"
+    assert record["rule"] == "members" and record["operation"] == "submit"
+    assert record["issuer"] == ISSUER and record["subject"] == "alice@example.org"
+    assert record["status"] == 200 and record["upstream_status"] == 200
+    assert record["client"] == "203.0.113.5"
+
+
+async def test_unmapped_subject_uses_service_account(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
+    httpx_mock.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json={"jobs": []})
+    async with app_client(make_settings(tmp_path)) as client:
+        response = await client.get(
+            "/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {signer.token(sub='bob@example.org')}"}
+        )
+    assert response.status_code == 200
+    assert upstream_requests(httpx_mock)[0].headers["x-slurm-user-name"] == "svc-alpha"
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        pytest.param({}, "missing_token", id="no-token"),
+        pytest.param({"Authorization": "Bearer not-a-jwt"}, "malformed_token", id="malformed"),
+    ],
+)
+async def test_unauthenticated_requests_get_401(
+    tmp_path: Path, httpx_mock: HTTPXMock, headers: dict[str, str], reason: str
+) -> None:
+    async with app_client(make_settings(tmp_path)) as client:
+        response = await client.get("/slurm/v0.0.38/jobs", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    body = response.json()
+    assert body["slurmproxy"]["reason"] == reason
+    assert body["errors"][0]["source"] == "slurmproxy"
+    assert upstream_requests(httpx_mock) == []
+    (record,) = audit_lines(tmp_path)
+    assert record["decision"] == "deny" and record["reason"] == reason and record["status"] == 401
+
+
+async def test_401_body_never_echoes_the_token(tmp_path: Path, signer: Signer) -> None:
+    token = signer.token(aud="other")
+    async with app_client(make_settings(tmp_path)) as client:
+        response = await client.get("/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 401
+    assert response.json()["slurmproxy"]["reason"] == "wrong_audience"
+    assert token not in response.text and token not in str(response.headers)
+    assert token not in (tmp_path / "audit.log").read_text()
+
+
+async def test_no_entitlement_gets_403_and_nothing_reaches_slurm(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer
+) -> None:
+    async with app_client(make_settings(tmp_path)) as client:
+        response = await client.post(
+            SUBMIT, json=JOB, headers={"Authorization": f"Bearer {signer.token(eduperson_entitlement=[OTHER_VO])}"}
+        )
+    assert response.status_code == 403
+    assert response.json()["slurmproxy"]["reason"] == "no_rule_matches"
+    assert "no rule allows POST /slurm/v0.0.38/job/submit" in response.json()["errors"][0]["error"]
+    assert upstream_requests(httpx_mock) == []
+    (record,) = audit_lines(tmp_path)
+    assert record["decision"] == "deny" and record["status"] == 403 and record["local_user"] is None
+
+
+async def test_mapping_to_a_refused_account_is_403(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
+    from tests.helpers import basic_policy
+
+    policy = basic_policy(mapping=[{"service_account": "root"}])
+    async with app_client(make_settings(tmp_path, policy)) as client:
+        response = await client.get(
+            "/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {signer.token(sub='bob')}"}
+        )
+    assert response.status_code == 403
+    assert response.json()["slurmproxy"]["reason"] == "account_refused"
+    assert upstream_requests(httpx_mock) == []
+    (record,) = audit_lines(tmp_path)
+    assert record["reason"] == "account_refused" and "root" in record["detail"]
+
+
+@pytest.mark.parametrize(
+    ("exception", "status", "reason"),
+    [
+        pytest.param(httpx.ConnectError("refused"), 502, "upstream_unreachable", id="refused"),
+        pytest.param(httpx.ReadTimeout("slow"), 504, "upstream_timeout", id="timeout"),
+        pytest.param(httpx.RemoteProtocolError("eof"), 502, "upstream_unreachable", id="protocol"),
+    ],
+)
+async def test_upstream_failures(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, exception: Exception, status: int, reason: str
+) -> None:
+    httpx_mock.add_exception(exception, url=f"{UPSTREAM}/slurm/v0.0.38/jobs", is_reusable=True)
+    async with app_client(make_settings(tmp_path)) as client:
+        response = await client.get("/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {signer.token()}"})
+    assert response.status_code == status
+    body = response.json()
+    assert body["errors"][0]["error_number"] == status and body["slurmproxy"]["reason"] == reason
+    (record,) = audit_lines(tmp_path)
+    assert record["decision"] == "error" and record["status"] == status and record["local_user"] == "alice"
+
+
+async def test_oversized_body_is_refused_before_forwarding(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer
+) -> None:
+    async with app_client(make_settings(tmp_path, server={"max_body_bytes": 2048})) as client:
+        response = await client.post(SUBMIT, content=b"x" * 4096, headers={"Authorization": f"Bearer {signer.token()}"})
+    assert response.status_code == 413
+    assert upstream_requests(httpx_mock) == []
+
+
+async def test_bad_path_is_400_before_authentication(tmp_path: Path, httpx_mock: HTTPXMock) -> None:
+    async with app_client(make_settings(tmp_path)) as client:
+        response = await client.get("/slurm/v0.0.38/%2e%2e/jobs")
+    assert response.status_code == 400
+    assert response.json()["slurmproxy"]["reason"] == "bad_path"
+    assert audit_lines(tmp_path)[0]["status"] == 400
+
+
+async def test_streamed_response_passes_through(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
+    big = {"jobs": [{"job_id": n, "name": "x" * 100} for n in range(2000)]}
+    httpx_mock.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json=big, headers={"X-Upstream": "yes"})
+    async with app_client(make_settings(tmp_path)) as client:
+        response = await client.get("/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {signer.token()}"})
+    assert response.json() == big
+    assert response.headers["x-upstream"] == "yes"
+
+
+async def test_audit_failure_fails_closed(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
+    settings = make_settings(tmp_path, audit={"sink": "file", "file": "/dev/full"})
+    httpx_mock.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json={"jobs": []}, is_optional=True)
+    async with app_client(settings) as client:
+        response = await client.get("/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {signer.token()}"})
+    assert response.status_code == 503
+    assert response.json()["slurmproxy"]["reason"] == "audit_unavailable"
+
+
+async def test_live_and_ready(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
+    httpx_mock.add_response(url=f"{UPSTREAM}/openapi/v3", json={"openapi": "3.0"})
+    async with app_client(make_settings(tmp_path)) as client:
+        assert (await client.get("/_slurmproxy/live")).json() == {"status": "ok"}
+        ready = await client.get("/_slurmproxy/ready")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"]["issuers"] == {ISSUER: "keys loaded"}
+
+
+async def test_not_ready_when_upstream_is_down(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
+    httpx_mock.add_exception(httpx.ConnectError("down"), url=f"{UPSTREAM}/openapi/v3")
+    async with app_client(make_settings(tmp_path)) as client:
+        ready = await client.get("/_slurmproxy/ready")
+    assert ready.status_code == 503
+    assert "unreachable" in ready.json()["checks"]["upstream"]

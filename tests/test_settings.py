@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slurmproxy.settings import ConfigError, load_settings
+
+BASE = {
+    "oidc": {"issuers": [{"issuer": "https://idp.example.org"}]},
+    "upstream": {"url": "http://127.0.0.1:6820", "jwt_key_file": "keys/jwt.key"},
+}
+
+
+def write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_defaults_and_relative_paths(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, BASE))
+    assert settings.server.port == 8080
+    assert settings.upstream.auth == "mint"
+    assert settings.upstream.jwt_key_file == tmp_path / "keys/jwt.key"
+    assert settings.policy.paths == (tmp_path / "policies",)
+    assert settings.oidc.issuers[0].algorithms == ("RS256", "ES256")
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURMPROXY_SERVER__PORT", "9999")
+    monkeypatch.setenv("SLURMPROXY_UPSTREAM__URL", "unix:/run/slurmrestd.sock")
+    settings = load_settings(write(tmp_path, BASE))
+    assert settings.server.port == 9999
+    assert settings.upstream.url == "unix:/run/slurmrestd.sock"
+    assert settings.upstream.jwt_key_file == tmp_path / "keys/jwt.key"
+
+
+@pytest.mark.parametrize(
+    ("patch", "fragment"),
+    [
+        pytest.param({"server": {"port": 70000}}, "server.port", id="port-range"),
+        pytest.param({"server": {"prot": 1}}, "server.prot: Extra inputs", id="typo"),
+        pytest.param({"upstream": {"url": "ftp://x"}}, "upstream.url", id="scheme"),
+        pytest.param({"upstream": {"url": "http://x", "auth": "mint"}}, "needs jwt_key_file", id="no-key"),
+        pytest.param(
+            {"oidc": {"issuers": [{"issuer": "https://i", "algorithms": ["HS256"]}]}},
+            "oidc.issuers.0.algorithms",
+            id="hmac-alg",
+        ),
+        pytest.param(
+            {"oidc": {"issuers": [{"issuer": "https://i", "algorithms": ["none"]}]}}, "not an allowed", id="alg-none"
+        ),
+        pytest.param(
+            {"oidc": {"issuers": [{"issuer": "https://i"}, {"issuer": "https://i"}]}}, "configured twice", id="dupe"
+        ),
+        pytest.param({"oidc": {"issuers": [{"issuer": "idp.example.org"}]}}, "http(s) URL", id="issuer-url"),
+        pytest.param({"audit": {"sink": "file"}}, "needs file", id="audit-file"),
+    ],
+)
+def test_invalid_config_names_file_and_field(tmp_path: Path, patch: dict[str, object], fragment: str) -> None:
+    data = {**BASE, **patch}
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(path) in err.value.detail
+    assert fragment in err.value.detail
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(write(tmp_path, "server: [1"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_settings(write(tmp_path, "- 1\n"))
+
+
+def test_bad_environment_value_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURMPROXY_SERVER__PORT", "not-a-number")
+    with pytest.raises(ConfigError, match="server.port"):
+        load_settings(write(tmp_path, BASE))
