@@ -1,0 +1,94 @@
+"""``slurmproxy serve`` and ``slurmproxy check-config``.
+
+Both validate the configuration, the policy and the Slurm credential before anything else; any
+problem is printed with the file and field at fault, and the exit status is 2. ``serve`` binds
+its port only after that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from slurmproxy.commands import EXIT_CONFIG, EXIT_OK, add_config_argument
+from slurmproxy.credentials import CredentialError, credentials_from
+from slurmproxy.policy import PolicyError
+from slurmproxy.runtime import load_runtime_policy
+from slurmproxy.settings import ConfigError, Settings, load_settings
+
+
+def validate(config: Path | None) -> Settings:
+    """Everything serve needs, checked; raises ConfigError/PolicyError/CredentialError."""
+    settings = load_settings(config)
+    load_runtime_policy(settings)
+    credentials_from(settings.upstream)
+    return settings
+
+
+def validated(config: Path | None) -> Settings | None:
+    """The settings, or None after printing why they are invalid."""
+    try:
+        return validate(config)
+    except (ConfigError, PolicyError) as exc:
+        print(f"slurmproxy: invalid configuration\n{exc.detail}", file=sys.stderr)
+    except CredentialError as exc:
+        print(f"slurmproxy: invalid configuration\n{exc}", file=sys.stderr)
+    return None
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "loop": "uvloop",
+        "http": "httptools",
+        "access_log": False,
+        "server_header": False,
+        "proxy_headers": False,
+        "log_config": None,
+        "timeout_graceful_shutdown": 30,
+    }
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = validated(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    import uvicorn
+
+    from slurmproxy.logs import configure_logging
+
+    configure_logging(settings.log)
+    if args.config is not None:
+        os.environ["SLURMPROXY_CONFIG"] = str(args.config.resolve())
+    uvicorn.run(
+        "slurmproxy.app:create_app",
+        factory=True,
+        host=args.host or settings.server.host,
+        port=args.port if args.port is not None else settings.server.port,
+        workers=args.workers or settings.server.workers,
+        **uvicorn_options(settings),
+    )
+    return EXIT_OK
+
+
+def check_config(args: argparse.Namespace) -> int:
+    settings = validated(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    paths = ", ".join(str(p) for p in settings.policy.paths)
+    print(f"configuration OK: {len(settings.oidc.issuers)} issuer(s), policy from {paths}")
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("serve", help="run the proxy")
+    add_config_argument(parser)
+    parser.add_argument("--host", help="override server.host")
+    parser.add_argument("--port", type=int, help="override server.port")
+    parser.add_argument("--workers", type=int, help="override server.workers")
+    parser.set_defaults(run=serve)
+    check = sub.add_parser("check-config", help="validate the configuration and policy files, then exit")
+    add_config_argument(check)
+    check.set_defaults(run=check_config)
