@@ -1,0 +1,27 @@
+"""Kills a devstack instance's processes when the Python process that owns it dies.
+
+    python3 -m devstack._watchdog <owner_pid> <KEY=value marker>
+
+Started by :class:`devstack.slurm.SlurmCluster` (and stopped by its ``stop()``), so a test run that
+is killed (SIGKILL, a crashed interpreter) does not leave Slurm daemons behind on the machine.
+The watchdog does not carry the marker itself.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ._proc import kill_marked, pid_alive
+
+
+def main(argv: list[str]) -> int:
+    owner, marker = int(argv[0]), argv[1]
+    while pid_alive(owner):
+        time.sleep(1.0)
+    kill_marked(marker, grace=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

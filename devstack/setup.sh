@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Installs what the devstack needs, idempotently. Safe to run many times and concurrently.
+#
+#   devstack/setup.sh            apt packages, Unix users, npm packages of devstack/oidc
+#   devstack/setup.sh --trixie   the same, plus the Debian 13 chroot with Slurm 24.11 (~30-60 s once)
+#
+# Needs root, python3, node and npm. Fast (about a second) when everything is present.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+LOCKDIR=/run/lock
+WANT_TRIXIE=0
+for arg in "$@"; do
+    case "$arg" in
+        --trixie) WANT_TRIXIE=1 ;;
+        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup.sh: must run as root" >&2
+    exit 1
+fi
+
+mkdir -p "$LOCKDIR"
+
+log() { echo "devstack setup: $*" >&2; }
+
+# ---------------------------------------------------------------- apt packages
+APT_PACKAGES=(slurmctld slurmd slurmrestd slurm-client munge slurm-wlm-jwt-plugin debootstrap util-linux)
+missing_packages() {
+    local p status
+    for p in "${APT_PACKAGES[@]}"; do
+        status="$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)"
+        [ "$status" = "installed" ] || echo "$p"
+    done
+}
+MISSING="$(missing_packages)"
+if [ -n "$MISSING" ]; then
+    # shellcheck disable=SC2086
+    log "installing apt packages: $(echo $MISSING)"
+    APT=(apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3)
+    export DEBIAN_FRONTEND=noninteractive
+    # apt-get update takes the lists lock; serialise it between concurrent setups too.
+    flock -w 900 "$LOCKDIR/slurmproxy-devstack-apt.lock" "${APT[@]}" update -qq
+    # shellcheck disable=SC2046
+    flock -w 900 "$LOCKDIR/slurmproxy-devstack-apt.lock" \
+        "${APT[@]}" install -y -qq $(missing_packages) >/dev/null
+fi
+# The packages try to start the daemons through systemd, which may or may not exist here;
+# the devstack never uses those instances. munge's key is created by the package's postinst.
+if [ ! -s /etc/munge/munge.key ]; then
+    log "creating /etc/munge/munge.key"
+    (umask 077; dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none)
+    chown munge:munge /etc/munge/munge.key 2>/dev/null || true
+fi
+
+# ---------------------------------------------------------------- Unix users
+# Table: name:uid:kind, from devstack/users.py (stdlib only, runs without the venv).
+ensure_users() {
+    local name uid kind shell
+    while IFS=: read -r name uid kind; do
+        [ -n "$name" ] || continue
+        if current="$(id -u "$name" 2>/dev/null)"; then
+            if [ "$current" != "$uid" ]; then
+                echo "setup.sh: user $name exists with uid $current, expected $uid" >&2
+                return 1
+            fi
+            continue
+        fi
+        if getent passwd "$uid" >/dev/null; then
+            echo "setup.sh: uid $uid (for $name) is taken by $(getent passwd "$uid" | cut -d: -f1)" >&2
+            return 1
+        fi
+        if ! getent group "$name" >/dev/null; then
+            groupadd -g "$uid" "$name"
+        fi
+        shell=/bin/bash
+        [ "$kind" = daemon ] && shell=/usr/sbin/nologin
+        useradd -m -u "$uid" -g "$name" -s "$shell" -c "slurmproxy devstack $kind" -K UID_MIN=100 -K SYS_UID_MIN=100 "$name"
+    done
+}
+TABLE="$(python3 "$HERE/users.py")"
+if ! python3 - "$TABLE" <<'PY'
+import pwd, sys
+for line in sys.argv[1].splitlines():
+    name, uid, _ = line.split(":")
+    try:
+        if pwd.getpwnam(name).pw_uid != int(uid):
+            sys.exit(1)
+    except KeyError:
+        sys.exit(1)
+PY
+then
+    log "creating Unix users"
+    exec 8>"$LOCKDIR/slurmproxy-devstack-users.lock"
+    flock -w 300 8
+    ensure_users <<<"$TABLE"
+    exec 8>&-
+fi
+
+# ---------------------------------------------------------------- npm packages (devstack/oidc)
+OIDC="$HERE/oidc"
+lock_sum="$(sha256sum "$OIDC/package-lock.json" | cut -d' ' -f1)"
+stamp="$OIDC/node_modules/.devstack-lock-sha256"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$lock_sum" ]; then
+    exec 9>"$LOCKDIR/slurmproxy-devstack-npm-$(echo "$OIDC" | sha256sum | cut -c1-12).lock"
+    flock -w 600 9
+    if [ "$(cat "$stamp" 2>/dev/null || true)" != "$lock_sum" ]; then
+        log "npm ci in $OIDC"
+        (cd "$OIDC" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+        echo "$lock_sum" >"$stamp"
+    fi
+    exec 9>&-
+fi
+
+# ---------------------------------------------------------------- Slurm 24.11 chroot (optional)
+if [ "$WANT_TRIXIE" = 1 ]; then
+    PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}" python3 -m devstack.trixie build
+fi
