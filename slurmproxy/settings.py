@@ -161,7 +161,7 @@ class PolicySettings(_Section):
     paths: tuple[ConfigPath, ...] = Field(
         (Path("policies"),),
         validate_default=True,
-        description="Policy files or directories of *.yaml files, read in name order."
+        description="Policy files or directories of *.yaml files, read in name order.",
     )
 
 
