@@ -37,6 +37,7 @@ class AuditRecord:
     operation: str | None = None
     mapping: str | None = None
     local_user: str | None = None
+    mapping_detail: dict[str, Any] | None = None  # what the mapping backend adds: a pool lease, a stale ALISE answer
     decision: Decision = "error"
     reason: str = "internal_error"
     detail: str | None = None

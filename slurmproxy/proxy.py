@@ -159,6 +159,7 @@ class ProxyEndpoint:
 
         account = await runtime.mapper.map(policy, decision.rule, principal)
         record.local_user, record.mapping = account.name, account.source
+        record.mapping_detail = account.detail
 
         content = await _request_content(scope, receive, runtime.settings.server.max_body_bytes)
         rid_header = runtime.settings.server.request_id_header.lower().encode()

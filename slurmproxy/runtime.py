@@ -10,7 +10,7 @@ import httpx
 
 from slurmproxy.audit import AuditLog
 from slurmproxy.credentials import SlurmCredentials, credentials_from
-from slurmproxy.identity import AccountGuard, IdentityMapper
+from slurmproxy.identity import IdentityMapper, check_policy_backends, open_identity
 from slurmproxy.policy import Policy, load_policy
 from slurmproxy.provider import ProviderClient
 from slurmproxy.settings import Settings
@@ -34,7 +34,9 @@ class Runtime:
 
 
 def load_runtime_policy(settings: Settings) -> Policy:
-    return load_policy(settings.policy.paths, trusted_issuers=[i.issuer for i in settings.oidc.issuers])
+    policy = load_policy(settings.policy.paths, trusted_issuers=[i.issuer for i in settings.oidc.issuers])
+    check_policy_backends(policy, settings.identity)
+    return policy
 
 
 @asynccontextmanager
@@ -59,15 +61,16 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             for i in settings.oidc.issuers
         }
         tokens = TokenValidator(providers, max_token_bytes=settings.server.max_token_bytes)
-        yield Runtime(
-            settings=settings,
-            tokens=tokens,
-            policy=policy,
-            mapper=IdentityMapper(AccountGuard(settings.identity)),
-            credentials=credentials,
-            upstream=upstream,
-            audit=audit,
-        )
+        async with open_identity(settings.identity) as mapper:
+            yield Runtime(
+                settings=settings,
+                tokens=tokens,
+                policy=policy,
+                mapper=mapper,
+                credentials=credentials,
+                upstream=upstream,
+                audit=audit,
+            )
     finally:
         await upstream.aclose()
         await provider_http.aclose()

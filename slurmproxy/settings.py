@@ -9,6 +9,8 @@ here: only paths to files that hold them (``*_file``).
 from __future__ import annotations
 
 import contextvars
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +34,8 @@ DEFAULT_UPSTREAM_MAX_CONNECTIONS = 100
 DEFAULT_SLURM_JWT_LIFETIME_SECONDS = 300
 DEFAULT_MIN_UID = 1000
 DEFAULT_SLURM_USER = "slurm"
+DEFAULT_ALISE_TIMEOUT_SECONDS = 3.0
+DEFAULT_ALISE_CONNECT_TIMEOUT_SECONDS = 2.0
 DEFAULT_ENTITLEMENT_CLAIMS = ("eduperson_entitlement", "entitlements")
 
 # Asymmetric JWS algorithms only (RFC 7518 §3.1). "none" and the HMAC family can never be allowed for
@@ -148,6 +152,82 @@ class UpstreamSettings(_Section):
         return self
 
 
+_ACCOUNT_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_ACCOUNT_RANGE = re.compile(r"([a-z_][a-z0-9_-]*?)([0-9]+)\.\.([a-z_][a-z0-9_-]*?)([0-9]+)")
+MAX_POOL_ACCOUNTS = 100_000
+
+
+def expand_accounts(items: tuple[str, ...]) -> tuple[str, ...]:
+    """``pool001..pool050`` → ``pool001``, ``pool002``, … ``pool050`` (the width of the first number
+    is kept); plain names stay as they are. Raises ValueError on a malformed item or a duplicate."""
+    out: list[str] = []
+    for item in items:
+        match = _ACCOUNT_RANGE.fullmatch(item)
+        if match is None:
+            if not _ACCOUNT_NAME.fullmatch(item):
+                raise ValueError(f"{item!r} is neither a POSIX user name nor a range like pool001..pool050")
+            out.append(item)
+            continue
+        prefix, first, prefix2, last = match.groups()
+        if prefix != prefix2 or len(first) != len(last) or int(first) > int(last):
+            raise ValueError(f"{item!r}: a range needs the same prefix and digit count on both sides, low..high")
+        if int(last) - int(first) >= MAX_POOL_ACCOUNTS:
+            raise ValueError(f"{item!r}: more than {MAX_POOL_ACCOUNTS} accounts")
+        out.extend(f"{prefix}{n:0{len(first)}d}" for n in range(int(first), int(last) + 1))
+    bad = [name for name in out if not _ACCOUNT_NAME.fullmatch(name)]
+    if bad:
+        raise ValueError(f"not a valid POSIX user name: {bad[0]!r}")
+    dupes = sorted(name for name, count in Counter(out).items() if count > 1)
+    if dupes:
+        raise ValueError(f"account listed twice: {', '.join(dupes[:5])}")
+    return tuple(out)
+
+
+class AliseSettings(_Section):
+    """One ALISE account-linking service (protocols.md §4). The API key is read from a file."""
+
+    url: str = Field(description="ALISE base URL, e.g. `https://alise.example.org` (no `/api/v1`).")
+    site: str = Field(description="The ALISE target site: the name of its internal OP config section.")
+    apikey_file: ConfigPath = Field(description="File holding the ALISE API key (sent as the `apikey` query).")
+    timeout_seconds: float = Field(DEFAULT_ALISE_TIMEOUT_SECONDS, gt=0, le=60, description="Whole-call timeout.")
+    connect_timeout_seconds: float = Field(DEFAULT_ALISE_CONNECT_TIMEOUT_SECONDS, gt=0, le=60)
+    cache_seconds: int = Field(300, ge=0, description="How long a found mapping is reused without asking again.")
+    miss_cache_seconds: int = Field(30, ge=0, description="How long 'not mapped' is reused without asking again.")
+    cache_size: int = Field(10_000, ge=1, description="Identities kept in each cache (found, missed, last known).")
+    outage: Literal["fail_closed", "last_known"] = Field(
+        "fail_closed",
+        description="When ALISE fails: `fail_closed` answers 503; `last_known` serves the mapping last seen for "
+        "the identity if it is younger than last_known_max_age_seconds, otherwise 503.",
+    )
+    last_known_max_age_seconds: int = Field(86_400, ge=1, description="Oldest answer `last_known` may serve.")
+    max_connections: int = Field(20, ge=1, description="Pooled connections to ALISE.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")) or "?" in value or "#" in value:
+            raise ValueError(f"url must be an http(s) URL without query or fragment, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("site")
+    @classmethod
+    def _site_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", value):
+            raise ValueError(f"site must be a name of letters, digits, '.', '_' or '-', got {value!r}")
+        return value
+
+
+class PoolSettings(_Section):
+    """A pool of local accounts leased to identities that have no other mapping."""
+
+    accounts: tuple[str, ...] = Field(min_length=1, description="Names and ranges: `[pool001..pool050]`.")
+
+    @field_validator("accounts")
+    @classmethod
+    def _expand(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return expand_accounts(value)
+
+
 class IdentitySettings(_Section):
     min_uid: int = Field(DEFAULT_MIN_UID, ge=1, description="Local accounts below this uid are refused.")
     slurm_user: str = Field(DEFAULT_SLURM_USER, description="The cluster's SlurmUser; never mapped to.")
@@ -155,6 +235,32 @@ class IdentitySettings(_Section):
     require_local_account: bool = Field(
         False, description="Refuse accounts that do not exist in this host's user database."
     )
+    alise: dict[str, AliseSettings] = Field(
+        default_factory=dict, description="ALISE services by name, used by policy mapping steps `alise: NAME`."
+    )
+    pools: dict[str, PoolSettings] = Field(
+        default_factory=dict, description="Account pools by name, used by policy mapping steps `pool: NAME`."
+    )
+    pool_database: ConfigPath | None = Field(
+        None, description="SQLite file (WAL) holding the pools' leases; needed when pools are configured."
+    )
+
+    @model_validator(mode="after")
+    def _pools_consistent(self) -> IdentitySettings:
+        if self.pools and self.pool_database is None:
+            raise ValueError("pools need pool_database (a SQLite file all workers share)")
+        owner: dict[str, str] = {}
+        for name, pool in self.pools.items():
+            if not _ACCOUNT_NAME.fullmatch(name.lower()) or name != name.lower():
+                raise ValueError(f"pool name {name!r} must be lowercase letters, digits, '_' or '-'")
+            for account in pool.accounts:
+                if account in owner:
+                    raise ValueError(f"account {account} is in pools {owner[account]} and {name}")
+                owner[account] = name
+        for name in self.alise:
+            if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+                raise ValueError(f"ALISE name {name!r} must be letters, digits, '.', '_' or '-'")
+        return self
 
 
 class PolicySettings(_Section):

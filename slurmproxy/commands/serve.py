@@ -15,6 +15,7 @@ from typing import Any
 
 from slurmproxy.commands import EXIT_CONFIG, EXIT_OK, add_config_argument
 from slurmproxy.credentials import CredentialError, credentials_from
+from slurmproxy.identity import check_identity_config
 from slurmproxy.policy import PolicyError
 from slurmproxy.runtime import load_runtime_policy
 from slurmproxy.settings import ConfigError, Settings, load_settings
@@ -25,6 +26,7 @@ def validate(config: Path | None) -> Settings:
     settings = load_settings(config)
     load_runtime_policy(settings)
     credentials_from(settings.upstream)
+    check_identity_config(settings.identity)
     return settings
 
 

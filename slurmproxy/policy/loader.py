@@ -14,9 +14,11 @@ from pydantic import ValidationError
 from slurmproxy.entitlements import EntitlementRequirement, requirement_from_string
 from slurmproxy.errors import ProxyError
 from slurmproxy.policy.model import (
+    AliseMap,
     EntitlementSpec,
     OperationSpec,
     PolicyFile,
+    PoolMap,
     RuleSpec,
     ServiceAccountMap,
     TableFile,
@@ -169,6 +171,10 @@ def _compile_rule(
     for n, step in enumerate(spec.mapping):
         if isinstance(step, ServiceAccountMap):
             mapping.append(MappingStep("service_account", step.service_account))
+        elif isinstance(step, AliseMap):
+            mapping.append(MappingStep("alise", step.alise))
+        elif isinstance(step, PoolMap):
+            mapping.append(MappingStep("pool", step.pool))
         elif step.table not in tables:
             errors.append(f"{where}.mapping[{n}]: unknown table {step.table!r}")
         else:

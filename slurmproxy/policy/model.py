@@ -38,7 +38,15 @@ class ServiceAccountMap(_Model):
     service_account: str = Field(description="A shared local account for everyone this rule admits.")
 
 
-MappingStep = Annotated[TableMap | ServiceAccountMap, Field(union_mode="left_to_right")]
+class AliseMap(_Model):
+    alise: str = Field(description="Name of an ALISE service under `identity.alise` in the configuration.")
+
+
+class PoolMap(_Model):
+    pool: str = Field(description="Name of an account pool under `identity.pools` in the configuration.")
+
+
+MappingStep = Annotated[TableMap | ServiceAccountMap | AliseMap | PoolMap, Field(union_mode="left_to_right")]
 
 
 class RuleSpec(_Model):

@@ -21,7 +21,7 @@ from slurmproxy.tokens import Principal
 
 @dataclass(frozen=True)
 class MappingStep:
-    kind: Literal["table", "service_account"]
+    kind: Literal["table", "service_account", "alise", "pool"]
     target: str
 
     def __str__(self) -> str:

@@ -1,9 +1,8 @@
-"""Identity mapping: a federated (issuer, subject) becomes a safe local account, or nobody.
+"""The safety check on every mapping backend's answer: is this local account usable at all?
 
-The rule that allowed the request lists mapping steps, tried in order; the first that yields an
-account wins. Whatever a step yields is then checked: a valid POSIX user name, not root, not the
-SlurmUser, not a denied account, and — where the account exists in this host's user database —
-a uid at or above ``min_uid``. A refused account is never replaced by a fallback.
+A valid POSIX user name, not root (or any uid-0 alias), not the SlurmUser (by name or uid), not a
+denied account, and, where the account exists in this host's user database, a uid at or above
+``min_uid``. A refused account is never replaced by a fallback (see ``mapper``).
 """
 
 from __future__ import annotations
@@ -13,13 +12,12 @@ import pwd
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cachetools import TTLCache
 
 from slurmproxy.errors import IdentityMappingError
-from slurmproxy.policy import Policy, Rule
 from slurmproxy.settings import IdentitySettings
-from slurmproxy.tokens import Principal
 
 POSIX_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _PASSWD_CACHE_SECONDS = 300
@@ -27,9 +25,13 @@ _PASSWD_CACHE_SECONDS = 300
 
 @dataclass(frozen=True, slots=True)
 class LocalAccount:
+    """The account a request runs as; ``source`` is the mapping step (``pool:vo``), ``detail`` what the
+    backend adds for the audit record (a pool lease, an ALISE answer served from the last-known cache)."""
+
     name: str
     source: str
     uid: int | None = None
+    detail: dict[str, Any] | None = None
 
 
 def _lookup_uid(name: str) -> int | None:
@@ -57,7 +59,7 @@ class AccountGuard:
         self._uids[name] = uid
         return uid
 
-    async def check(self, name: str, source: str) -> LocalAccount:
+    async def check(self, name: str, source: str, detail: dict[str, Any] | None = None) -> LocalAccount:
         if not POSIX_NAME.fullmatch(name):
             raise IdentityMappingError(
                 f"{source} gave a local account name that is not a valid POSIX user name", reason="invalid_username"
@@ -71,7 +73,7 @@ class AccountGuard:
                 raise IdentityMappingError(
                     f"local account {name!r} does not exist on this host", reason="account_unknown"
                 )
-            return LocalAccount(name, source, None)
+            return LocalAccount(name, source, None, detail)
         if uid == 0:
             raise IdentityMappingError(f"local account {name!r} is refused: it has uid 0", reason="account_refused")
         if self._slurm_uid is None:
@@ -85,20 +87,4 @@ class AccountGuard:
                 f"local account {name!r} is refused: uid {uid} is below the minimum {self._settings.min_uid}",
                 reason="account_refused",
             )
-        return LocalAccount(name, source, uid)
-
-
-class IdentityMapper:
-    def __init__(self, guard: AccountGuard) -> None:
-        self._guard = guard
-
-    async def map(self, policy: Policy, rule: Rule, principal: Principal) -> LocalAccount:
-        tried: list[str] = []
-        for step in rule.mapping:
-            name = policy.tables.get(step.target, {}).get(principal.key) if step.kind == "table" else step.target
-            if name is not None:
-                return await self._guard.check(name, str(step))
-            tried.append(str(step))
-        raise IdentityMappingError(
-            f"no local account for this identity (rule {rule.id} tried {', '.join(tried)})", reason="unmapped"
-        )
+        return LocalAccount(name, source, uid, detail)
