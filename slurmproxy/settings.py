@@ -158,8 +158,9 @@ MAX_POOL_ACCOUNTS = 100_000
 
 
 def expand_accounts(items: tuple[str, ...]) -> tuple[str, ...]:
-    """``pool001..pool050`` → ``pool001``, ``pool002``, … ``pool050`` (the width of the first number
-    is kept); plain names stay as they are. Raises ValueError on a malformed item or a duplicate."""
+    """``pool001..pool050`` → ``pool001``, ``pool002``, … ``pool050`` (zero-padded when both ends have
+    the same width; ``vo8..vo12`` is not padded); plain names stay as they are. Raises ValueError on a
+    malformed item or a duplicate."""
     out: list[str] = []
     for item in items:
         match = _ACCOUNT_RANGE.fullmatch(item)
@@ -169,11 +170,13 @@ def expand_accounts(items: tuple[str, ...]) -> tuple[str, ...]:
             out.append(item)
             continue
         prefix, first, prefix2, last = match.groups()
-        if prefix != prefix2 or len(first) != len(last) or int(first) > int(last):
-            raise ValueError(f"{item!r}: a range needs the same prefix and digit count on both sides, low..high")
+        padded = len(first) == len(last)
+        if prefix != prefix2 or int(first) > int(last) or (not padded and "0" in (first[0], last[0])):
+            raise ValueError(f"{item!r}: a range is low..high with one prefix: pool001..pool050 or vo8..vo12")
         if int(last) - int(first) >= MAX_POOL_ACCOUNTS:
             raise ValueError(f"{item!r}: more than {MAX_POOL_ACCOUNTS} accounts")
-        out.extend(f"{prefix}{n:0{len(first)}d}" for n in range(int(first), int(last) + 1))
+        width = len(first) if padded else 0
+        out.extend(f"{prefix}{n:0{width}d}" for n in range(int(first), int(last) + 1))
     bad = [name for name in out if not _ACCOUNT_NAME.fullmatch(name)]
     if bad:
         raise ValueError(f"not a valid POSIX user name: {bad[0]!r}")
