@@ -25,8 +25,14 @@ BASE = "https://alise.example.org"
 SITE = "vega-kc"
 KEY = "s3cretAPIkeyNEVERlogged"
 ISS = "https://aai.egi.eu/auth/realms/egi"
+
+
+def sha1_hex(text: str) -> str:
+    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+
 SUB = "0f3c2a7e9b1d4c6a8e0f2b4d6c8a0e1f3b5d7c9e1a3f5b7d9c1e3a5f7b9d1c3e@egi.eu"
-PATH = f"/api/v1/target/{SITE}/mapping/issuer/{hashlib.sha1(ISS.encode()).hexdigest()}/user/{quote_plus(SUB)}"
+PATH = f"/api/v1/target/{SITE}/mapping/issuer/{sha1_hex(ISS)}/user/{quote_plus(SUB)}"
 
 
 def sample(name: str) -> dict[str, Any]:
@@ -72,6 +78,15 @@ async def test_success_sample_gives_internal_username(tmp_path: Path, clock: Clo
     assert (await alise.lookup(ISS, SUB)).via == "cache"
     assert alise.requests == 1
     await alise.aclose()
+
+
+async def test_issuer_hash_matches_the_dcache_client_vector(tmp_path: Path, clock: Clock) -> None:
+    # dCache's gplazma2-alise test expects this sha1 for https://issuer.example.org/ (protocols.md §4).
+    alise = client(tmp_path, clock)
+    assert "/issuer/95d86dadf13ccfbd25f13d5d15edb31b4b30c971/user/a%2Bb%40c" in alise.url_for(
+        "https://issuer.example.org/", "a+b@c"
+    )
+    assert "apikey" not in alise.url_for(ISS, SUB)
 
 
 async def test_hit_is_reused_only_for_cache_seconds(tmp_path: Path, clock: Clock, httpx_mock: HTTPXMock) -> None:
@@ -234,7 +249,7 @@ async def test_subject_with_slash_is_not_looked_up(tmp_path: Path, clock: Clock,
 async def test_same_subject_other_issuer_is_another_lookup(tmp_path: Path, clock: Clock, httpx_mock: HTTPXMock) -> None:
     other = "https://other.example.org"
     httpx_mock.add_response(url=url(), json=sample("mapping_response.constructed"))
-    other_url = url().replace(hashlib.sha1(ISS.encode()).hexdigest(), hashlib.sha1(other.encode()).hexdigest())
+    other_url = url().replace(sha1_hex(ISS), sha1_hex(other))
     httpx_mock.add_response(url=other_url, status_code=401, json=sample("error_not_mapped"))
     alise = client(tmp_path, clock)
     assert (await alise.lookup(ISS, SUB)).username == "jdoe42"
