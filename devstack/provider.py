@@ -180,6 +180,26 @@ def default_config(audience: str = PROXY_AUDIENCE) -> dict[str, Any]:
     }
 
 
+def machine_client(
+    client_id: str, account: str, entitlements: list[str], audience_resource: str = PROXY_RESOURCE
+) -> dict[str, Any]:
+    """A client-credentials client acting for ``account`` (its tokens' ``sub``), with ``entitlements`` in
+    its RFC 9068 JWT access tokens, like ``alice-cli``. Add many to ``default_config()["clients"]``
+    for many distinct identities: one token request each, no login flow."""
+    return {
+        "client_id": client_id,
+        "client_secret": _client_secret(),
+        "grant_types": ["client_credentials"],
+        "response_types": [],
+        "redirect_uris": [],
+        "devstack": {
+            "account": account,
+            "resource": audience_resource,
+            "token_claims": {"eduperson_entitlement": list(entitlements)} if entitlements else {},
+        },
+    }
+
+
 class _FormParser(HTMLParser):
     """The first form of the development login/consent pages: action and hidden inputs."""
 

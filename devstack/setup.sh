@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the devstack needs, idempotently. Safe to run many times and concurrently.
 #
-#   devstack/setup.sh            apt packages, Unix users, npm packages of devstack/oidc
+#   devstack/setup.sh            apt packages, Unix users, npm packages of devstack/oidc, the ALISE venv
 #   devstack/setup.sh --trixie   the same, plus the Debian 13 chroot with Slurm 24.11 (~30-60 s once)
 #
 # Needs root, python3, node and npm. Fast (about a second) when everything is present.
@@ -114,6 +114,10 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$lock_sum" ]; then
     fi
     exec 9>&-
 fi
+
+# ---------------------------------------------------------------- ALISE (account linking) virtualenv
+# alise 1.1.5 from PyPI needs Python >= 3.12; devstack/alise.py finds one and builds the venv once.
+PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}" python3 -m devstack.alise build >/dev/null
 
 # ---------------------------------------------------------------- Slurm 24.11 chroot (optional)
 if [ "$WANT_TRIXIE" = 1 ]; then
