@@ -53,3 +53,22 @@ def test_shipped_example_config_and_policy_are_valid() -> None:
     settings = load_settings(root / "examples" / "config.yaml")
     assert settings.oidc.issuers[0].issuer == "https://aai.egi.eu/auth/realms/egi"
     assert load_runtime_policy(settings).rules
+
+
+def test_check_config_refuses_unconfigured_backends_and_unreadable_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_settings(tmp_path, basic_policy(mapping=[{"alise": "egi"}, {"pool": "vo"}]))
+    config = str(tmp_path / "config.yaml")
+    assert main(["check-config", "--config", config]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "alise 'egi' is not configured under identity.alise" in err and "pool 'vo' is not configured" in err
+    data = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    data["identity"]["alise"] = {"egi": {"url": "https://alise.test", "site": "s", "apikey_file": "missing.key"}}
+    data["identity"]["pools"] = {"vo": {"accounts": ["pool001..pool002"]}}
+    data["identity"]["pool_database"] = str(tmp_path / "leases.sqlite")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    assert main(["check-config", "--config", config]) == EXIT_CONFIG
+    assert "cannot read apikey_file" in capsys.readouterr().err
+    (tmp_path / "missing.key").write_text("k3y\n")
+    assert main(["check-config", "--config", config]) == 0

@@ -235,3 +235,11 @@ def test_shipped_example_policies_are_valid() -> None:
     root = Path(__file__).resolve().parent.parent / "policies"
     policy = load_policy([root])
     assert policy.rules
+
+
+def test_alise_and_pool_mapping_steps(tmp_path: Path) -> None:
+    policy = load(tmp_path, basic_policy(mapping=[{"table": "users"}, {"alise": "egi"}, {"pool": "vo"}]))
+    assert [str(step) for step in policy.rules[0].mapping] == ["table:users", "alise:egi", "pool:vo"]
+    with pytest.raises(PolicyError) as err:
+        load(tmp_path / "bad", basic_policy(mapping=[{"pool": "vo", "alise": "egi"}]))
+    assert "mapping[0]" in err.value.errors[0]

@@ -57,6 +57,27 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ),
         pytest.param({"oidc": {"issuers": [{"issuer": "idp.example.org"}]}}, "http(s) URL", id="issuer-url"),
         pytest.param({"audit": {"sink": "file"}}, "needs file", id="audit-file"),
+        pytest.param({"identity": {"pools": {"vo": {"accounts": ["p1..p2"]}}}}, "need pool_database", id="pool-db"),
+        pytest.param(
+            {"identity": {"pools": {"a": {"accounts": ["p1..p3"]}, "b": {"accounts": ["p3"]}}, "pool_database": "x"}},
+            "account p3 is in pools a and b",
+            id="pools-overlap",
+        ),
+        pytest.param(
+            {"identity": {"pools": {"vo": {"accounts": ["p3..p1"]}}, "pool_database": "x"}},
+            "identity.pools.vo.accounts",
+            id="pool-range",
+        ),
+        pytest.param(
+            {"identity": {"alise": {"egi": {"url": "https://a/?apikey=x", "site": "s", "apikey_file": "k"}}}},
+            "identity.alise.egi.url",
+            id="alise-url-query",
+        ),
+        pytest.param(
+            {"identity": {"alise": {"egi": {"url": "https://a", "site": "s", "apikey_file": "k", "outage": "open"}}}},
+            "identity.alise.egi.outage",
+            id="alise-outage-mode",
+        ),
     ],
 )
 def test_invalid_config_names_file_and_field(tmp_path: Path, patch: dict[str, object], fragment: str) -> None:
@@ -81,3 +102,20 @@ def test_bad_environment_value_is_reported(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("SLURMPROXY_SERVER__PORT", "not-a-number")
     with pytest.raises(ConfigError, match="server.port"):
         load_settings(write(tmp_path, BASE))
+
+
+def test_identity_backends_resolve_paths_and_expand_pools(tmp_path: Path) -> None:
+    data = {
+        **BASE,
+        "identity": {
+            "alise": {"egi": {"url": "https://alise.example.org/", "site": "hpc", "apikey_file": "alise.key"}},
+            "pools": {"vo": {"accounts": ["vo001..vo003", "extra"]}},
+            "pool_database": "state/leases.sqlite",
+        },
+    }
+    identity = load_settings(write(tmp_path, data)).identity
+    assert identity.alise["egi"].url == "https://alise.example.org"
+    assert identity.alise["egi"].apikey_file == tmp_path / "alise.key"
+    assert identity.alise["egi"].outage == "fail_closed"
+    assert identity.pools["vo"].accounts == ("vo001", "vo002", "vo003", "extra")
+    assert identity.pool_database == tmp_path / "state/leases.sqlite"
