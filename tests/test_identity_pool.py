@@ -6,6 +6,7 @@ import multiprocessing
 import sqlite3
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,8 +126,9 @@ def test_closed_or_broken_database_is_503(tmp_path: Path) -> None:
         LeaseStore(tmp_path / "junk.sqlite", {"vo": ACCOUNTS}).open()
 
 
-def _lease_many(path: str, subjects: list[str]) -> list[str]:
-    s = LeaseStore(Path(path), {"vo": expand_accounts(("pool001..pool100",))}).open()
+def _lease_many(path: str, subjects: list[str], barrier: Any) -> list[str]:
+    s = LeaseStore(Path(path), {"vo": expand_accounts(("pool001..pool400",))}).open()
+    barrier.wait(60)  # both processes start leasing at the same moment
     try:
         return [s.lease("vo", ISS, subject).account for subject in subjects]
     finally:
@@ -136,12 +138,14 @@ def _lease_many(path: str, subjects: list[str]) -> list[str]:
 def test_two_processes_never_hand_out_the_same_account(tmp_path: Path) -> None:
     path = str(tmp_path / "leases.sqlite")
     LeaseStore(Path(path), {"vo": ()}).open().close()
-    batches = [[f"p{p}-{n}" for n in range(50)] for p in range(2)]
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = list(pool.map(_lease_many, [path, path], batches))
+    batches = [[f"p{p}-{n}" for n in range(200)] for p in range(2)]
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(2, mp_context=context) as pool:
+        barrier = manager.Barrier(2)
+        results = list(pool.map(_lease_many, [path, path], batches, [barrier, barrier]))
     leased = results[0] + results[1]
-    assert len(set(leased)) == 100
-    assert sorted(leased) == list(expand_accounts(("pool001..pool100",)))
+    assert len(set(leased)) == 400
+    assert sorted(leased) == list(expand_accounts(("pool001..pool400",)))
 
 
 @pytest.mark.anyio
