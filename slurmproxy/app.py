@@ -76,6 +76,7 @@ async def ready(request: Request) -> Response:
             "issuers": keys,
             "policy": {"rules": len(runtime.policy.rules), "digest": runtime.policy.digest},
             "upstream": upstream_detail,
+            "api_versions": runtime.apis.report(),
         },
     }
     status = 200 if upstream_ok and keys_ok else 503

@@ -20,7 +20,7 @@ and a human-readable ``detail`` that never contains a token or a secret::
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class ProxyError(Exception):
@@ -32,6 +32,7 @@ class ProxyError(Exception):
         self.detail = detail
         self.reason = reason or self.default_reason
         self.headers = dict(headers or {})
+        self.fields: dict[str, Any] = {}  # extra public fields for the response's "slurmproxy" object
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status_code}, reason={self.reason!r}, detail={self.detail!r})"

@@ -157,6 +157,7 @@ class ProxyEndpoint:
             decision.entitlement,
         )
 
+        await runtime.apis.check(path)  # 404 for an API version slurmrestd does not serve
         account = await runtime.mapper.map(policy, decision.rule, principal)
         record.local_user, record.mapping = account.name, account.source
         record.mapping_detail = account.detail

@@ -33,6 +33,6 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 def error_response(error: ProxyError, request_id: str) -> Response:
     headers = dict(error.headers)
     headers["x-request-id"] = request_id
-    return json_response(
-        error_body(error.status_code, error.reason, error.detail, request_id), error.status_code, headers
-    )
+    body = error_body(error.status_code, error.reason, error.detail, request_id)
+    body["slurmproxy"].update(error.fields)
+    return json_response(body, error.status_code, headers)

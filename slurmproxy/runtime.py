@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from slurmproxy.apiversions import ApiVersions
 from slurmproxy.audit import AuditLog
 from slurmproxy.credentials import SlurmCredentials, credentials_from
 from slurmproxy.identity import IdentityMapper, check_policy_backends, open_identity
@@ -27,6 +28,12 @@ class Runtime:
     credentials: SlurmCredentials
     upstream: httpx.AsyncClient
     audit: AuditLog
+    apis: ApiVersions
+
+    @property
+    def api_versions(self) -> tuple[str, ...]:
+        """The API versions slurmrestd serves (``("v0.0.40", "v0.0.41", "v0.0.42")``); empty until known."""
+        return self.apis.versions
 
     @property
     def providers(self) -> list[ProviderClient]:
@@ -50,6 +57,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         timeout=settings.oidc.http_timeout_seconds, follow_redirects=False, trust_env=False
     )
     upstream = create_client(settings.upstream)
+    apis = ApiVersions(upstream, credentials, settings.upstream)
     try:
         providers = {
             i.issuer: ProviderClient(
@@ -61,6 +69,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             for i in settings.oidc.issuers
         }
         tokens = TokenValidator(providers, max_token_bytes=settings.server.max_token_bytes)
+        apis.start()  # reads slurmrestd's API versions in the background, then every refresh interval
         async with open_identity(settings.identity) as mapper:
             yield Runtime(
                 settings=settings,
@@ -70,8 +79,10 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 credentials=credentials,
                 upstream=upstream,
                 audit=audit,
+                apis=apis,
             )
     finally:
+        await apis.aclose()
         await upstream.aclose()
         await provider_http.aclose()
         audit.close()

@@ -32,6 +32,9 @@ DEFAULT_UPSTREAM_TIMEOUT_SECONDS = 60.0
 DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_UPSTREAM_MAX_CONNECTIONS = 100
 DEFAULT_SLURM_JWT_LIFETIME_SECONDS = 300
+DEFAULT_DISCOVERY_USER = "nobody"
+DEFAULT_API_VERSIONS_REFRESH_SECONDS = 300
+MIN_API_VERSIONS_REFRESH_SECONDS = 10
 DEFAULT_MIN_UID = 1000
 DEFAULT_SLURM_USER = "slurm"
 DEFAULT_ALISE_TIMEOUT_SECONDS = 3.0
@@ -135,6 +138,23 @@ class UpstreamSettings(_Section):
     timeout_seconds: float = Field(DEFAULT_UPSTREAM_TIMEOUT_SECONDS, gt=0, description="Read timeout (504 after).")
     connect_timeout_seconds: float = Field(DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS, gt=0)
     max_connections: int = Field(DEFAULT_UPSTREAM_MAX_CONNECTIONS, ge=1)
+    discovery_user: str = Field(
+        DEFAULT_DISCOVERY_USER,
+        pattern=r"^[a-z_][a-z0-9_-]{0,31}$",
+        description="Account named in the credential that fetches slurmrestd's OpenAPI document (no RPC is made).",
+    )
+    api_versions_refresh_seconds: int = Field(
+        DEFAULT_API_VERSIONS_REFRESH_SECONDS,
+        ge=0,
+        description="How often the served API versions are re-read from slurmrestd; 0 turns discovery off.",
+    )
+
+    @field_validator("api_versions_refresh_seconds")
+    @classmethod
+    def _refresh_not_too_often(cls, value: int) -> int:
+        if 0 < value < MIN_API_VERSIONS_REFRESH_SECONDS:
+            raise ValueError(f"must be 0 (off) or at least {MIN_API_VERSIONS_REFRESH_SECONDS}")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -308,6 +328,13 @@ class Settings(BaseSettings):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _discovery_user_is_safe(self) -> Settings:
+        user = self.upstream.discovery_user
+        if user in {"root", self.identity.slurm_user, *self.identity.denied_users}:
+            raise ValueError(f"upstream.discovery_user must not be root, the SlurmUser or a denied account: {user!r}")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -4,6 +4,9 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from pytest_httpx import HTTPXMock
+
+from tests.helpers import ISSUER, JWKS_URI, Signer, discovery
 
 
 @pytest.fixture(autouse=True)
@@ -12,6 +15,17 @@ def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith("SLURMPROXY_") and name != "SLURMPROXY_DEVSTACK_CACHE":
             monkeypatch.delenv(name)
     yield
+
+
+@pytest.fixture
+def signer(httpx_mock: HTTPXMock) -> Signer:
+    """The test issuer's keys, its discovery document and key set answered (optionally, repeatedly)."""
+    signer = Signer()
+    httpx_mock.add_response(
+        url=f"{ISSUER}/.well-known/openid-configuration", json=discovery(), is_reusable=True, is_optional=True
+    )
+    httpx_mock.add_response(url=JWKS_URI, json=signer.jwks(), is_reusable=True, is_optional=True)
+    return signer
 
 
 @pytest.fixture

@@ -91,7 +91,8 @@ def make_settings(tmp_path: Path, policy: dict[str, Any] | None = None, **sectio
     policy_dir = write_policy(tmp_path / "policies", policy or basic_policy())
     data: dict[str, Any] = {
         "oidc": {"issuers": [{"issuer": ISSUER, "audiences": [AUDIENCE]}]},
-        "upstream": {"url": UPSTREAM, "auth": "mint", "jwt_key_file": str(key)},
+        # API-version discovery off: unit tests answer only the requests they expect (tests/test_apiversions.py).
+        "upstream": {"url": UPSTREAM, "auth": "mint", "jwt_key_file": str(key), "api_versions_refresh_seconds": 0},
         "policy": {"paths": [str(policy_dir)]},
         "audit": {"sink": "file", "file": str(tmp_path / "audit.log")},
         "identity": {"min_uid": 1000},

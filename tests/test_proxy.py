@@ -11,21 +11,11 @@ from joserfc.jwk import OctKey
 from pytest_httpx import HTTPXMock
 
 from tests.asgi import app_client
-from tests.helpers import ISSUER, JWKS_URI, OTHER_VO, UPSTREAM, Signer, discovery, make_settings
+from tests.helpers import ISSUER, OTHER_VO, UPSTREAM, Signer, make_settings
 
 pytestmark = pytest.mark.anyio
 SUBMIT = "/slurm/v0.0.38/job/submit"
 JOB = {"script": "#!/bin/bash\nid", "job": {"environment": {"PATH": "/bin"}, "current_working_directory": "/tmp"}}
-
-
-@pytest.fixture
-def signer(httpx_mock: HTTPXMock) -> Signer:
-    signer = Signer()
-    httpx_mock.add_response(
-        url=f"{ISSUER}/.well-known/openid-configuration", json=discovery(), is_reusable=True, is_optional=True
-    )
-    httpx_mock.add_response(url=JWKS_URI, json=signer.jwks(), is_reusable=True, is_optional=True)
-    return signer
 
 
 def audit_lines(tmp_path: Path) -> list[dict[str, Any]]:

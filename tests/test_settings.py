@@ -13,6 +13,17 @@ BASE = {
 }
 
 
+UP: dict[str, str] = {"url": "http://127.0.0.1:6820", "jwt_key_file": "keys/jwt.key"}
+
+
+def test_api_version_discovery_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, BASE))
+    assert settings.upstream.discovery_user == "nobody"
+    assert settings.upstream.api_versions_refresh_seconds == 300
+    off = load_settings(write(tmp_path, {**BASE, "upstream": {**UP, "api_versions_refresh_seconds": 0}}))
+    assert off.upstream.api_versions_refresh_seconds == 0
+
+
 def write(tmp_path: Path, data: object) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
@@ -78,6 +89,17 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
             "identity.alise.egi.outage",
             id="alise-outage-mode",
         ),
+        pytest.param({"upstream": {**UP, "discovery_user": "root"}}, "discovery_user must not be", id="discovery-root"),
+        pytest.param(
+            {"upstream": {**UP, "discovery_user": "slurm"}}, "discovery_user must not be", id="discovery-slurm"
+        ),
+        pytest.param(
+            {"upstream": {**UP, "discovery_user": "svc"}, "identity": {"denied_users": ["svc"]}},
+            "discovery_user must not be",
+            id="discovery-denied",
+        ),
+        pytest.param({"upstream": {**UP, "discovery_user": "No Body"}}, "upstream.discovery_user", id="discovery-name"),
+        pytest.param({"upstream": {**UP, "api_versions_refresh_seconds": 5}}, "at least 10", id="refresh-too-often"),
     ],
 )
 def test_invalid_config_names_file_and_field(tmp_path: Path, patch: dict[str, object], fragment: str) -> None:
