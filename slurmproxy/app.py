@@ -77,6 +77,7 @@ async def ready(request: Request) -> Response:
             "policy": {"rules": len(runtime.policy.rules), "digest": runtime.policy.digest},
             "upstream": upstream_detail,
             "api_versions": runtime.apis.report(),
+            "upstream_credential": runtime.upstream_auth.report(),
         },
     }
     status = 200 if upstream_ok and keys_ok else 503

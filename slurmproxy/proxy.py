@@ -165,13 +165,15 @@ class ProxyEndpoint:
         content = await _request_content(scope, receive, runtime.settings.server.max_body_bytes)
         rid_header = runtime.settings.server.request_id_header.lower().encode()
         headers = [(k, v) for k, v in client_headers(scope["headers"]) if normalized(k) != rid_header]
-        headers.extend(runtime.credentials.headers_for(account.name))
+        credential = runtime.credentials.headers_for(account.name)
+        headers.extend(credential)
         headers.append((rid_header, record.request_id.encode()))
         length = _header(scope, b"content-length")
         if length is not None:
             headers.append((b"content-length", length.encode()))
         upstream = await send(runtime.upstream, method=method, path=path, query=query, headers=headers, content=content)
         record.upstream_status = record.status = upstream.status_code
+        await runtime.upstream_auth.check(upstream, path=path, user=account.name, headers=credential)
         record.decision, record.reason, record.detail = "allow", "allowed", None
         raw_headers = [(k, v) for k, v in upstream.headers if normalized(k) != b"x-request-id"]
         raw_headers.append((b"x-request-id", record.request_id.encode()))

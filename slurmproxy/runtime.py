@@ -17,6 +17,7 @@ from slurmproxy.provider import ProviderClient
 from slurmproxy.settings import Settings
 from slurmproxy.tokens import TokenValidator
 from slurmproxy.upstream import create_client
+from slurmproxy.upstreamauth import UpstreamAuthCheck
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Runtime:
     upstream: httpx.AsyncClient
     audit: AuditLog
     apis: ApiVersions
+    upstream_auth: UpstreamAuthCheck
 
     @property
     def api_versions(self) -> tuple[str, ...]:
@@ -80,6 +82,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 upstream=upstream,
                 audit=audit,
                 apis=apis,
+                upstream_auth=UpstreamAuthCheck(upstream),
             )
     finally:
         await apis.aclose()

@@ -12,7 +12,7 @@ Header policy, applied to every request before anything is added:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -88,11 +88,34 @@ class UpstreamResponse:
     status_code: int
     headers: list[tuple[bytes, bytes]]
     response: httpx.Response
+    _peeked: list[bytes] = field(default_factory=list)  # chunks read by peek(), replayed by body() and stream()
+    _raw: AsyncIterator[bytes] | None = None
+
+    def _upstream_chunks(self) -> AsyncIterator[bytes]:
+        if self._raw is None:
+            self._raw = self.response.aiter_raw()
+        return self._raw
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while self._peeked:
+            yield self._peeked.pop(0)
+        async for chunk in self._upstream_chunks():
+            yield chunk
+
+    async def peek(self, limit: int) -> bytes | None:
+        """The whole body if it has at most ``limit`` bytes, else None; either way still sent on by body()/stream()."""
+        size = sum(len(chunk) for chunk in self._peeked)
+        async for chunk in self._upstream_chunks():
+            self._peeked.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                return None
+        return None if size > limit else b"".join(self._peeked)
 
     async def body(self, limit: int) -> bytes:
         chunks: list[bytes] = []
         size = 0
-        async for chunk in self.response.aiter_raw():
+        async for chunk in self._chunks():
             size += len(chunk)
             if size > limit:
                 raise UpstreamError("slurmrestd's answer is too large to inspect", reason="upstream_too_large")
@@ -101,7 +124,7 @@ class UpstreamResponse:
 
     async def stream(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self.response.aiter_raw():
+            async for chunk in self._chunks():
                 yield chunk
         finally:
             await self.response.aclose()
