@@ -12,9 +12,10 @@ What each generation answers (measured with devstack; see devstack/README.md):
   the proxy's headers; it never happens with correct headers.
 * **24.11 (v0.0.40–v0.0.42), HTTP 511** with ``error_number`` 1007 ``Protocol authentication
   error``. 23.02–24.05 report the same error number with HTTP 500.
-* **22.05 (v0.0.38), HTTP 500**, and no error that says "authentication": writes (submit, cancel)
-  fail with 5005 ``Zero Bytes were transmitted or received`` (slurmctld drops the connection), reads
-  with -1 ``Unspecified error``, exactly as when slurmctld is down. So on v0.0.38 and older the proxy
+* **22.05 (v0.0.38), HTTP 500**, and no error that says "authentication": submit and cancel fail
+  with 5005 ``Zero Bytes were transmitted or received`` (slurmctld drops the connection), updates
+  with 1000 ``Unexpected message received``, reads with -1 ``Unspecified error``; the last two
+  exactly as when slurmctld is down. So on v0.0.38 and older the proxy
   confirms: it sends ``DELETE /slurm/<version>/job/0`` with the same credential (job 0 never exists;
   slurmctld answers 2017 "Invalid job id" to an accepted credential, 5005 to a rejected one, 1800
   when unreachable). One probe per local account at a time, its result reused for
@@ -53,12 +54,15 @@ NEWEST_OPAQUE_VERSION = (0, 0, 38)  # the 22.05 generation: auth failures look l
 PROTOCOL_AUTHENTICATION_ERROR = 1007
 ZERO_BYTES = 5005  # 22.05: slurmctld closed the connection without an answer
 UNSPECIFIED = -1  # 22.05 read handlers: errno lost
+UNEXPECTED_MESSAGE = 1000  # 22.05 job update
 INVALID_JOB_ID = 2017
 KNOWN = {
     PROTOCOL_AUTHENTICATION_ERROR: "Protocol authentication error",
     ZERO_BYTES: "Zero Bytes were transmitted or received",
     UNSPECIFIED: "Unspecified error",
+    UNEXPECTED_MESSAGE: "Unexpected message received",
 }
+OPAQUE_ERRORS = (ZERO_BYTES, UNSPECIFIED, UNEXPECTED_MESSAGE)
 
 Verdict = Literal["rejected", "ambiguous", "other"]
 
@@ -92,8 +96,11 @@ def classify(status: int, body: bytes, version: str | None) -> tuple[Verdict, st
     if status == 511 or any(_is(e, PROTOCOL_AUTHENTICATION_ERROR) for e in errors):
         return "rejected", f"HTTP {status}: Slurm error {PROTOCOL_AUTHENTICATION_ERROR} {KNOWN[1007]}"
     opaque = version is not None and version_key(version) <= NEWEST_OPAQUE_VERSION
-    if status == 500 and opaque and any(_is(e, ZERO_BYTES) or _is(e, UNSPECIFIED) for e in errors):
-        return "ambiguous", f"HTTP 500: Slurm error {ZERO_BYTES} ({KNOWN[ZERO_BYTES]}) to a probe"
+    if status == 500 and opaque and any(_is(e, number) for e in errors for number in OPAQUE_ERRORS):
+        return (
+            "ambiguous",
+            f"HTTP 500; a probe with the same credential got Slurm error {ZERO_BYTES} {KNOWN[ZERO_BYTES]}",
+        )
     return "other", ""
 
 

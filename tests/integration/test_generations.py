@@ -19,7 +19,15 @@ import pytest
 from devstack import SlurmCluster
 from devstack.provider import PROXY_AUDIENCE, OidcProvider
 from devstack.proxy import ProxyServer
-from tests.integration.conftest import ProxyFactory, call, job_body, proxy_config, records_for, site_policy
+from tests.integration.conftest import (
+    ProxyFactory,
+    call,
+    job_body,
+    ping_up,
+    proxy_config,
+    records_for,
+    site_policy,
+)
 
 NOT_SERVED = {"22.05": ["v0.0.37", "v0.0.40", "v0.0.42"], "24.11": ["v0.0.38", "v0.0.39", "v0.0.43"]}
 
@@ -200,9 +208,10 @@ def test_a_rejected_proxy_credential_is_502_upstream_auth_failed(
         for method, path, payload in [
             ("GET", f"/slurm/{version}/jobs", None),
             ("POST", f"/slurm/{version}/job/submit", body),
+            ("POST", f"/slurm/{version}/job/1", {"comment": "x"}),
             ("DELETE", f"/slurm/{version}/job/1", None),
         ]:
-            rid = f"{request_id}-{version}-{method}"
+            rid = f"{request_id}-{version}-{method}-{path.rsplit('/', 1)[1]}"
             response = call(wrong_key_proxy, method, path, token=token, request_id=rid, json=payload)
             assert response.status_code == 502, (version, method, response.text)
             assert response.json()["slurmproxy"]["reason"] == "upstream_auth_failed"
@@ -210,11 +219,16 @@ def test_a_rejected_proxy_credential_is_502_upstream_auth_failed(
             record = the_record(wrong_key_proxy, rid)
             assert record["decision"] == "error" and record["reason"] == "upstream_auth_failed"
             assert record["upstream_status"] == expected_upstream and record["local_user"] == "alice"
+    ping = call(wrong_key_proxy, "GET", f"/slurm/{slurm.api_versions[-1]}/ping", token=token)
+    if generation(slurm) == "22.05":
+        assert ping.status_code == 502 and ping.json()["slurmproxy"]["reason"] == "upstream_auth_failed"
+    else:  # 24.11's ping does not check the credential: slurmctld just looks "DOWN" (after ~10 s)
+        assert ping.status_code == 200 and not ping_up(ping.json()), ping.text
     assert "X-SLURM-USER-TOKEN" not in wrong_key_proxy.audit_path.read_text()
     assert "eyJ" not in wrong_key_proxy.audit_path.read_text() + wrong_key_proxy.log_path.read_text()
     assert "rejected the proxy's Slurm credential" in wrong_key_proxy.log_path.read_text()
     credential = call(wrong_key_proxy, "GET", "/_slurmproxy/ready").json()["checks"]["upstream_credential"]
-    assert credential["rejections"] >= 3 * len(slurm.api_versions)
+    assert credential["rejections"] >= 4 * len(slurm.api_versions)
     assert credential["last"]["status"] == expected_upstream
 
 
