@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Mapping
@@ -374,6 +375,7 @@ class OidcProvider:
             self._http_client.close()
             self._http_client = None
         if self._proc is not None:
+            self.resume()  # a paused process cannot act on SIGTERM
             if self._proc.poll() is None:
                 terminate(self._proc.pid, grace=5)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -384,6 +386,18 @@ class OidcProvider:
         """Stop and start on the same ports with the same keys. Issued tokens are forgotten."""
         self.stop()
         self.start()
+
+    def pause(self) -> None:
+        """Freeze the provider (SIGSTOP): connections are accepted by the kernel but never answered,
+        as with a hung provider. :meth:`resume` continues it; :meth:`stop` also works while paused."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise DevstackError("the provider is not running")
+        os.kill(self._proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Continue a provider frozen by :meth:`pause`."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.kill(self._proc.pid, signal.SIGCONT)
 
     # ------------------------------------------------------------------ endpoints
     def discovery(self) -> dict[str, Any]:

@@ -1,9 +1,18 @@
 """What the proxy fetches from one configured OpenID provider: discovery metadata and signing keys.
 
-Every URL fetched here derives from the configuration (the issuer URL, or an explicit jwks_uri),
+Every URL fetched here derives from the configuration (the issuer URL, or explicit endpoints),
 never from a token. Fetches are async, time-limited, and single-flight: concurrent callers that
-need keys share one request. An unknown ``kid`` triggers at most one refetch per
-``min_refetch_seconds``, so random key ids cannot make the proxy hammer the provider.
+need keys share one request.
+
+Key set lifecycle:
+
+* a key set older than ``cache_seconds`` is refreshed in the background while the current keys
+  keep verifying (a stale key set never delays a request);
+* an unknown ``kid`` triggers at most one refetch per ``min_refetch_seconds``, so random key ids
+  cannot make the proxy hammer the provider; a key published after a rotation is found that way;
+* a failed fetch keeps the cached keys (an outage does not break tokens already verifiable) and
+  is not retried for ``failure_backoff_seconds``; meanwhile anything that needs the provider gets
+  the same 503.
 """
 
 from __future__ import annotations
@@ -26,7 +35,36 @@ logger = logging.getLogger("slurmproxy.provider")
 
 PublicKey = RSAKey | ECKey | OKPKey
 DEFAULT_MIN_REFETCH_SECONDS = 60.0
+DEFAULT_FAILURE_BACKOFF_SECONDS = 5.0
 MAX_DOCUMENT_BYTES = 512 * 1024
+
+
+async def send(http: httpx.AsyncClient, request: httpx.Request, what: str, timeout: float) -> httpx.Response:
+    """Send one request to a provider: transport failures become 503 DependencyErrors, bodies are bounded."""
+    request.extensions["timeout"] = httpx.Timeout(timeout).as_dict()
+    try:
+        response = await http.send(request)
+    except httpx.TimeoutException as exc:
+        raise DependencyError(f"{what} at the identity provider timed out", reason="provider_timeout") from exc
+    except httpx.HTTPError as exc:
+        raise DependencyError(f"{what} at the identity provider is unreachable", reason="provider_unreachable") from exc
+    if len(response.content) > MAX_DOCUMENT_BYTES:
+        raise DependencyError(f"{what} at the identity provider is too large", reason="provider_error")
+    return response
+
+
+def json_object(response: httpx.Response, what: str) -> dict[str, Any]:
+    if response.status_code != 200:
+        raise DependencyError(
+            f"{what} at the identity provider answered HTTP {response.status_code}", reason="provider_error"
+        )
+    try:
+        document = response.json()
+    except ValueError as exc:
+        raise DependencyError(f"{what} at the identity provider is not JSON", reason="provider_error") from exc
+    if not isinstance(document, dict):
+        raise DependencyError(f"{what} at the identity provider is not a JSON object", reason="provider_error")
+    return document
 
 
 @dataclass
@@ -34,6 +72,7 @@ class _KeyCache:
     keys: dict[str, PublicKey] = field(default_factory=dict)
     unnamed: list[PublicKey] = field(default_factory=list)
     fetched_at: float | None = None
+    documents: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class ProviderClient:
@@ -47,17 +86,22 @@ class ProviderClient:
         timeout: float,
         cache_seconds: float,
         min_refetch_seconds: float = DEFAULT_MIN_REFETCH_SECONDS,
+        failure_backoff_seconds: float = DEFAULT_FAILURE_BACKOFF_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
-        self._http = http
-        self._timeout = timeout
+        self.http = http
+        self.timeout = timeout
         self._cache_seconds = cache_seconds
         self._min_refetch = min_refetch_seconds
+        self._backoff = failure_backoff_seconds
         self._clock = clock
         self._metadata: dict[str, Any] | None = None
         self._keys = _KeyCache()
         self._lock = asyncio.Lock()
+        self._failed_at: float | None = None
+        self._failure: DependencyError | None = None
+        self._background: asyncio.Task[None] | None = None
         self.fetch_count = 0
 
     @property
@@ -70,27 +114,8 @@ class ProviderClient:
 
     async def _get_json(self, url: str, what: str) -> dict[str, Any]:
         self.fetch_count += 1
-        try:
-            response = await self._http.get(url, timeout=self._timeout, headers={"Accept": "application/json"})
-        except httpx.TimeoutException as exc:
-            raise DependencyError(f"{what} at the identity provider timed out", reason="provider_timeout") from exc
-        except httpx.HTTPError as exc:
-            raise DependencyError(
-                f"{what} at the identity provider is unreachable", reason="provider_unreachable"
-            ) from exc
-        if response.status_code != 200:
-            raise DependencyError(
-                f"{what} at the identity provider answered HTTP {response.status_code}", reason="provider_error"
-            )
-        if len(response.content) > MAX_DOCUMENT_BYTES:
-            raise DependencyError(f"{what} at the identity provider is too large", reason="provider_error")
-        try:
-            document = response.json()
-        except ValueError as exc:
-            raise DependencyError(f"{what} at the identity provider is not JSON", reason="provider_error") from exc
-        if not isinstance(document, dict):
-            raise DependencyError(f"{what} at the identity provider is not a JSON object", reason="provider_error")
-        return document
+        request = self.http.build_request("GET", url, headers={"Accept": "application/json"})
+        return json_object(await send(self.http, request, what, self.timeout), what)
 
     async def metadata(self) -> dict[str, Any]:
         """OIDC Discovery 1.0 §4: fetched once from the configured issuer; cached for the process."""
@@ -105,53 +130,92 @@ class ProviderClient:
             self._metadata = document
         return self._metadata
 
-    async def jwks_uri(self) -> str:
-        if self.settings.jwks_uri:
-            return self.settings.jwks_uri
-        uri = (await self.metadata()).get("jwks_uri")
+    async def endpoint(self, name: str) -> str:
+        """A configured endpoint (``jwks_uri``, ``userinfo_endpoint``, ...), else the discovery document's."""
+        configured = getattr(self.settings, name, None)
+        if isinstance(configured, str):
+            return configured
+        uri = (await self.metadata()).get(name)
         if not isinstance(uri, str) or not uri.startswith(("https://", "http://")):
-            raise DependencyError("discovery document has no usable jwks_uri", reason="provider_error")
+            raise DependencyError(f"discovery document has no usable {name}", reason="provider_error")
+        # A plain-http endpoint is only believed from a plain-http (development) issuer.
+        if uri.startswith("http://") and self.issuer.startswith("https://"):
+            raise DependencyError(f"discovery document's {name} is not https", reason="provider_error")
         return uri
 
-    def _stale(self) -> bool:
+    async def jwks_uri(self) -> str:
+        return await self.endpoint("jwks_uri")
+
+    # ------------------------------------------------------------------ key set
+    def _age(self) -> float | None:
         fetched = self._keys.fetched_at
-        return fetched is None or self._clock() - fetched >= self._cache_seconds
+        return None if fetched is None else self._clock() - fetched
+
+    def _stale(self) -> bool:
+        age = self._age()
+        return age is None or age >= self._cache_seconds
+
+    def _backing_off(self) -> bool:
+        return self._failed_at is not None and self._clock() - self._failed_at < self._backoff
 
     def _may_refetch(self) -> bool:
-        fetched = self._keys.fetched_at
-        return fetched is None or self._clock() - fetched >= self._min_refetch
+        age = self._age()
+        return (age is None or age >= self._min_refetch) and not self._backing_off()
 
     async def refresh_keys(self, *, force: bool = False) -> None:
         """Fetch the key set unless another caller just did (single flight)."""
         async with self._lock:
             if not force and not self._stale():
                 return
+            await self._fetch_keys()
+
+    async def _fetch_keys(self) -> None:
+        if self._backing_off() and self._failure is not None:
+            raise _fresh(self._failure)
+        try:
             document = await self._get_json(await self.jwks_uri(), "key set")
-            self._keys = _parse_jwks(document, self._clock())
-            logger.info("loaded %d signing keys for %s", len(self._keys.keys) + len(self._keys.unnamed), self.issuer)
+            keys = _parse_jwks(document, self._clock(), self._keys)
+        except DependencyError as exc:
+            self._failed_at, self._failure = self._clock(), exc
+            raise
+        self._keys, self._failed_at, self._failure = keys, None, None
+        logger.info("loaded %d signing keys for %s", len(keys.keys) + len(keys.unnamed), self.issuer)
+
+    def refresh_soon(self) -> None:
+        """If the key set is stale, refresh it in the background (never awaited by a request)."""
+        if not self._stale() or self._backing_off() or self._keys.fetched_at is None:
+            return
+        if self._background is None or self._background.done():
+            self._background = asyncio.get_running_loop().create_task(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh_keys()
+        except DependencyError as exc:
+            logger.warning("key set refresh for %s failed (%s); keeping the cached keys", self.issuer, exc.reason)
 
     async def key_for(self, kid: str | None) -> PublicKey | None:
         """The verification key for a token header's ``kid``; None when the provider has no such key."""
-        if self._stale():
-            try:
-                await self.refresh_keys()
-            except DependencyError:
-                if self._keys.fetched_at is None:
-                    raise
-                logger.warning("key set refresh for %s failed; keeping the cached keys", self.issuer)
+        if self._keys.fetched_at is None:
+            await self.refresh_keys()
+        else:
+            self.refresh_soon()
         key = self._lookup(kid)
-        if key is None and self._may_refetch():
-            # A new kid may mean the provider rotated its keys: refetch once, rate limited.
+        if key is None and (self._may_refetch() or self._backing_off()):
+            # A new kid may mean the provider rotated its keys: refetch once, rate limited. While the
+            # provider is failing, the token can be neither verified nor refused: 503, not 401.
             await self._refetch_after_miss()
             key = self._lookup(kid)
         return key
 
     async def _refetch_after_miss(self) -> None:
         async with self._lock:
-            if not self._may_refetch():
-                return
-            document = await self._get_json(await self.jwks_uri(), "key set")
-            self._keys = _parse_jwks(document, self._clock())
+            if self._may_refetch() or self._backing_off():
+                await self._fetch_keys()
+
+    def key_is_current(self, kid: str | None, key: PublicKey) -> bool:
+        """Whether ``key`` is still published under ``kid`` (a cheap check for cached tokens)."""
+        return self._lookup(kid) is key
 
     def _lookup(self, kid: str | None) -> PublicKey | None:
         if kid is not None:
@@ -159,8 +223,22 @@ class ProviderClient:
         candidates = list(self._keys.keys.values()) + self._keys.unnamed
         return candidates[0] if len(candidates) == 1 else None
 
+    async def settle(self) -> None:
+        """Wait for a background refresh in progress, if any."""
+        if self._background is not None:
+            await asyncio.gather(self._background, return_exceptions=True)
 
-def _parse_jwks(document: dict[str, Any], now: float) -> _KeyCache:
+    async def aclose(self) -> None:
+        if self._background is not None:
+            self._background.cancel()
+        await self.settle()
+
+
+def _fresh(error: DependencyError) -> DependencyError:
+    return DependencyError(error.detail, reason=error.reason)
+
+
+def _parse_jwks(document: dict[str, Any], now: float, previous: _KeyCache) -> _KeyCache:
     cache = _KeyCache(fetched_at=now)
     entries = document.get("keys")
     if not isinstance(entries, list):
@@ -171,6 +249,11 @@ def _parse_jwks(document: dict[str, Any], now: float) -> _KeyCache:
         # Public keys only: a symmetric ("oct") entry in a provider's JWKS is never a verification key.
         if entry.get("kty") not in {"RSA", "EC", "OKP"} or "d" in entry:
             continue
+        kid = entry.get("kid")
+        if isinstance(kid, str) and previous.documents.get(kid) == entry:
+            # The same key as before keeps its identity, so cached tokens verified with it stay valid.
+            cache.keys[kid], cache.documents[kid] = previous.keys[kid], entry
+            continue
         try:
             key = JWKRegistry.import_key(entry)
         except (JoseError, ValueError, TypeError):
@@ -178,9 +261,8 @@ def _parse_jwks(document: dict[str, Any], now: float) -> _KeyCache:
             continue
         if not isinstance(key, RSAKey | ECKey | OKPKey):  # pragma: no cover - kty filtered above
             continue
-        kid = entry.get("kid")
         if isinstance(kid, str):
-            cache.keys[kid] = key
+            cache.keys[kid], cache.documents[kid] = key, entry
         else:
             cache.unnamed.append(key)
     return cache

@@ -15,7 +15,7 @@ from slurmproxy.identity import IdentityMapper, check_policy_backends, open_iden
 from slurmproxy.policy import Policy, load_policy
 from slurmproxy.provider import ProviderClient
 from slurmproxy.settings import Settings
-from slurmproxy.tokens import TokenValidator
+from slurmproxy.tokens import TokenValidator, build_validator
 from slurmproxy.upstream import create_client
 from slurmproxy.upstreamauth import UpstreamAuthCheck
 
@@ -60,17 +60,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     )
     upstream = create_client(settings.upstream)
     apis = ApiVersions(upstream, credentials, settings.upstream)
+    tokens: TokenValidator | None = None
     try:
-        providers = {
-            i.issuer: ProviderClient(
-                i,
-                provider_http,
-                timeout=settings.oidc.http_timeout_seconds,
-                cache_seconds=settings.oidc.jwks_cache_seconds,
-            )
-            for i in settings.oidc.issuers
-        }
-        tokens = TokenValidator(providers, max_token_bytes=settings.server.max_token_bytes)
+        tokens = build_validator(settings, provider_http)
         apis.start()  # reads slurmrestd's API versions in the background, then every refresh interval
         async with open_identity(settings.identity) as mapper:
             yield Runtime(
@@ -86,6 +78,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             )
     finally:
         await apis.aclose()
+        if tokens is not None:
+            await tokens.aclose()
         await upstream.aclose()
         await provider_http.aclose()
         audit.close()

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from slurmproxy.errors import ProxyError
+from slurmproxy.presets import PresetName, legacy_checkin_issuer, with_preset
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -40,6 +41,12 @@ DEFAULT_SLURM_USER = "slurm"
 DEFAULT_ALISE_TIMEOUT_SECONDS = 3.0
 DEFAULT_ALISE_CONNECT_TIMEOUT_SECONDS = 2.0
 DEFAULT_ENTITLEMENT_CLAIMS = ("eduperson_entitlement", "entitlements")
+DEFAULT_JWKS_MIN_REFETCH_SECONDS = 60.0
+DEFAULT_TOKEN_CACHE_SECONDS = 300
+DEFAULT_TOKEN_CACHE_SIZE = 10_000
+DEFAULT_FAILURE_CACHE_SECONDS = 5.0
+
+ClaimSource = Literal["token", "userinfo", "introspection"]
 
 # Asymmetric JWS algorithms only (RFC 7518 §3.1). "none" and the HMAC family can never be allowed for
 # an identity provider: an HS256 token "signed" with the provider's public key must not validate.
@@ -76,7 +83,18 @@ class ServerSettings(_Section):
     )
 
 
+def _http_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("https://", "http://")):
+        raise ValueError(f"must be an http(s) URL, got {value!r}")
+    return value
+
+
 class IssuerSettings(_Section):
+    preset: PresetName | None = Field(
+        None,
+        description="Defaults for a known provider (`egi-checkin`, `egi-checkin-demo`, `egi-checkin-dev`); "
+        "settings given next to it override the preset's. Defaults to none.",
+    )
     issuer: str = Field(description="The exact `iss` value; tokens naming any other issuer are refused.")
     audiences: tuple[str, ...] = Field(
         (), description="If set, the token's `aud` must contain one of these. Defaults to no audience check."
@@ -86,17 +104,63 @@ class IssuerSettings(_Section):
         None, description="Key set URL. Defaults to the `jwks_uri` of the issuer's OIDC discovery document."
     )
     leeway_seconds: int = Field(DEFAULT_LEEWAY_SECONDS, ge=0, le=300, description="Clock skew allowed on exp/nbf.")
-    subject_claim: str = Field("sub", description="Claim that identifies the user. Defaults to `sub`.")
+    token_types: tuple[str, ...] = Field(
+        (),
+        description="If set, a JWT's `typ` claim must be one of these (Keycloak access tokens say `Bearer`, ID "
+        "tokens `ID`). Defaults to no check.",
+    )
+    subject_claim: tuple[str, ...] = Field(
+        ("sub",), description="Claim (or claims, first present wins) that identifies the user. Defaults to `sub`."
+    )
+    subject_source: ClaimSource | None = Field(
+        None,
+        description="Where the subject claim is read: token, userinfo or introspection. Defaults to "
+        "entitlements_source.",
+    )
     entitlement_claims: tuple[str, ...] = Field(
         DEFAULT_ENTITLEMENT_CLAIMS, description="Claims read for AARC entitlements."
     )
+    entitlements_source: ClaimSource = Field(
+        "token", description="Where entitlements are read: token, userinfo or introspection. Defaults to token."
+    )
+    accept_opaque_tokens: bool = Field(
+        False,
+        description="Send tokens that are not JWTs to this issuer's introspection endpoint. At most one issuer "
+        "may set it. Defaults to false.",
+    )
+    userinfo_endpoint: str | None = Field(None, description="Defaults to the discovery document's.")
+    introspection_endpoint: str | None = Field(None, description="Defaults to the discovery document's.")
+    client_id: str | None = Field(None, description="The proxy's client id for introspection. Defaults to none.")
+    client_secret_file: ConfigPath | None = Field(
+        None, description="File holding the introspection client's secret. Defaults to none."
+    )
+    client_auth_method: Literal["client_secret_basic", "client_secret_post"] = Field(
+        "client_secret_basic", description="How the client authenticates at introspection."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        return with_preset(data) if isinstance(data, dict) else data
+
+    @field_validator("subject_claim", mode="before")
+    @classmethod
+    def _one_or_more_claims(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
 
     @field_validator("issuer")
     @classmethod
     def _issuer_is_url(cls, value: str) -> str:
         if not value.startswith(("https://", "http://")):
             raise ValueError(f"issuer must be an http(s) URL, got {value!r}")
+        if legacy_checkin_issuer(value):
+            raise ValueError(f"{value!r} is a retired EGI Check-in issuer; use `preset: egi-checkin` (or -demo, -dev)")
         return value
+
+    @field_validator("userinfo_endpoint", "introspection_endpoint", "jwks_uri")
+    @classmethod
+    def _endpoint_is_url(cls, value: str | None) -> str | None:
+        return _http_url(value)
 
     @field_validator("algorithms")
     @classmethod
@@ -108,13 +172,60 @@ class IssuerSettings(_Section):
             raise ValueError(f"not an allowed asymmetric JWS algorithm: {', '.join(bad)}")
         return value
 
+    @field_validator("subject_claim", "entitlement_claims")
+    @classmethod
+    def _some_claims(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or not all(value):
+            raise ValueError("name at least one claim, and no empty names")
+        return value
+
+    @property
+    def claim_sources(self) -> frozenset[str]:
+        """The sources a token of this issuer is read from (besides the token itself)."""
+        return frozenset({self.subject_source or self.entitlements_source, self.entitlements_source})
+
+    @property
+    def uses_introspection(self) -> bool:
+        return self.accept_opaque_tokens or "introspection" in self.claim_sources
+
+    @model_validator(mode="after")
+    def _introspection_client(self) -> IssuerSettings:
+        if self.uses_introspection and (self.client_id is None or self.client_secret_file is None):
+            raise ValueError(
+                f"issuer {self.issuer}: introspection (accept_opaque_tokens or a source 'introspection') needs "
+                "client_id and client_secret_file"
+            )
+        return self
+
 
 class OidcSettings(_Section):
     issuers: tuple[IssuerSettings, ...] = Field((), description="Trusted token issuers. Nothing else is trusted.")
     http_timeout_seconds: float = Field(
         DEFAULT_HTTP_TIMEOUT_SECONDS, gt=0, le=60, description="Timeout of every call to a provider."
     )
-    jwks_cache_seconds: int = Field(DEFAULT_JWKS_CACHE_SECONDS, ge=10, description="How long a key set is reused.")
+    jwks_cache_seconds: int = Field(
+        DEFAULT_JWKS_CACHE_SECONDS, ge=1, description="How long a key set is used before it is refreshed."
+    )
+    jwks_min_refetch_seconds: float = Field(
+        DEFAULT_JWKS_MIN_REFETCH_SECONDS,
+        ge=1,
+        description="An unknown `kid` refetches the key set at most this often per issuer. Defaults to 60.",
+    )
+    token_cache_seconds: int = Field(
+        DEFAULT_TOKEN_CACHE_SECONDS,
+        ge=1,
+        description="Longest a validated token (with its userinfo/introspection claims) is reused; never past "
+        "its exp. Defaults to 300.",
+    )
+    token_cache_size: int = Field(
+        DEFAULT_TOKEN_CACHE_SIZE, ge=1, description="Most tokens held in the cache. Defaults to 10000."
+    )
+    failure_cache_seconds: float = Field(
+        DEFAULT_FAILURE_CACHE_SECONDS,
+        ge=0,
+        description="How long a refused token or a provider failure is remembered (per token) before it is "
+        "tried again. Defaults to 5.",
+    )
 
     @model_validator(mode="after")
     def _unique_issuers(self) -> OidcSettings:
@@ -122,6 +233,14 @@ class OidcSettings(_Section):
         dupes = sorted({i for i in seen if seen.count(i) > 1})
         if dupes:
             raise ValueError(f"issuer configured twice: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_opaque_issuer(self) -> OidcSettings:
+        # An opaque token names no issuer: sending it to two providers would leak it to the wrong one.
+        opaque = [i.issuer for i in self.issuers if i.accept_opaque_tokens]
+        if len(opaque) > 1:
+            raise ValueError(f"at most one issuer may accept opaque tokens, got {', '.join(opaque)}")
         return self
 
 

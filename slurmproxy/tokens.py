@@ -1,9 +1,13 @@
 """Bearer token validation: from an ``Authorization`` header to a trusted :class:`Principal`.
 
 The order of checks is fixed and each failure has its own reason code (401 body and audit):
-header shape → size → JWS structure → issuer is configured (before any network I/O) → algorithm
-is on that issuer's allow-list → key for ``kid`` → signature (joserfc) → ``exp``/``nbf``/``iat``
-→ ``aud`` → subject.
+header shape → size → cache → JWS structure → issuer is configured (before any network I/O) →
+algorithm is on that issuer's allow-list → key for ``kid`` → signature (joserfc) →
+``exp``/``nbf``/``iat`` → ``aud`` → ``typ`` → then, only for a verified token, the issuer's
+userinfo or introspection if the issuer's settings read subject or entitlements there.
+
+A token that is not shaped like a JWT is opaque: it goes to the introspection endpoint of the one
+issuer configured with ``accept_opaque_tokens`` (never to any other), or is refused.
 """
 
 from __future__ import annotations
@@ -17,22 +21,38 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, TypeGuard
+from typing import Any
 
-from cachetools import TTLCache
+import httpx
 from joserfc import jwt
 from joserfc.errors import BadSignatureError, JoseError
 
+from slurmproxy.checks import (
+    check_audience,
+    check_bearer,
+    check_introspected_type,
+    check_jwt_type,
+    check_time_claims,
+    is_number,
+)
+from slurmproxy.claims import ClaimSources, Identity, read_client_secrets, resolve
 from slurmproxy.entitlements import Entitlement, parse_all
 from slurmproxy.errors import AuthenticationError, BadRequestError, MissingTokenError
-from slurmproxy.provider import ProviderClient
-from slurmproxy.settings import IssuerSettings
+from slurmproxy.provider import ProviderClient, PublicKey
+from slurmproxy.settings import (
+    DEFAULT_FAILURE_CACHE_SECONDS,
+    DEFAULT_TOKEN_CACHE_SECONDS,
+    DEFAULT_TOKEN_CACHE_SIZE,
+    IssuerSettings,
+    Settings,
+)
+from slurmproxy.singleflight import SingleFlightCache
+
+__all__ = ["Principal", "TokenValidator", "build_validator", "check_time_claims", "extract_bearer", "token_digest"]
 
 # RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _MAX_HEADER_SEGMENT = 2048
-TOKEN_CACHE_SIZE = 10_000
-TOKEN_CACHE_SECONDS = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +67,8 @@ class Principal:
     token_id: str
     parsed_entitlements: tuple[Entitlement, ...] = ()
     malformed_entitlements: int = 0
+    userinfo: Mapping[str, Any] | None = None
+    introspection: Mapping[str, Any] | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -88,69 +110,59 @@ def _b64json(segment: str, what: str) -> dict[str, Any]:
     return value
 
 
-def _is_number(value: Any) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _jwt_header(parts: list[str]) -> dict[str, Any] | None:
+    """The JOSE header when the token is shaped like a JWS (three segments, a JSON header), else None."""
+    if len(parts) != 3 or len(parts[0]) > _MAX_HEADER_SEGMENT:
+        return None
+    try:
+        return _b64json(parts[0], "header")
+    except AuthenticationError:
+        return None
 
 
-def check_time_claims(claims: Mapping[str, Any], now: float, leeway: int) -> None:
+def make_principal(settings: IssuerSettings, claims: Mapping[str, Any], identity: Identity, token: str) -> Principal:
     exp = claims.get("exp")
-    # RFC 7519 §4.1.4: the token MUST NOT be accepted on or after exp (plus a small leeway for skew).
-    if not _is_number(exp):
-        raise AuthenticationError("the token has no numeric exp claim", reason="missing_exp")
-    if now >= exp + leeway:
-        raise AuthenticationError("the token has expired", reason="token_expired")
-    nbf = claims.get("nbf")
-    # RFC 7519 §4.1.5: the token MUST NOT be accepted before nbf.
-    if nbf is not None and (not _is_number(nbf) or now + leeway < nbf):
-        raise AuthenticationError("the token is not valid yet (nbf)", reason="token_not_yet_valid")
-    iat = claims.get("iat")
-    # RFC 7519 §4.1.6: an iat in the future means a forged or badly clocked issuer.
-    if iat is not None and (not _is_number(iat) or iat > now + leeway):
-        raise AuthenticationError("the token was issued in the future (iat)", reason="token_issued_in_future")
-
-
-def check_audience(claims: Mapping[str, Any], audiences: Sequence[str]) -> None:
-    if not audiences:
-        return
-    aud = claims.get("aud")
-    values = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-    # RFC 7519 §4.1.3: the recipient MUST identify itself with a value in aud, else reject.
-    if not any(isinstance(v, str) and v in audiences for v in values):
-        raise AuthenticationError("the token is not meant for this service (aud)", reason="wrong_audience")
-
-
-def entitlements_from(claims: Mapping[str, Any], names: Sequence[str]) -> tuple[str, ...]:
-    found: list[str] = []
-    for name in names:
-        value = claims.get(name)
-        if isinstance(value, str):
-            found.append(value)
-        elif isinstance(value, list):
-            found.extend(v for v in value if isinstance(v, str))
-    return tuple(dict.fromkeys(found))
-
-
-def make_principal(issuer: IssuerSettings, claims: Mapping[str, Any], token: str) -> Principal:
-    subject = claims.get(issuer.subject_claim)
-    if not isinstance(subject, str) or not subject:
-        raise AuthenticationError(f"the token has no {issuer.subject_claim} claim", reason="missing_subject")
-    exp = claims.get("exp")
-    entitlements = entitlements_from(claims, issuer.entitlement_claims)
-    parsed = parse_all(entitlements)
+    parsed = parse_all(identity.entitlements)
     return Principal(
-        issuer=issuer.issuer,
-        subject=subject,
+        issuer=settings.issuer,
+        subject=identity.subject,
         claims=MappingProxyType(dict(claims)),
-        entitlements=entitlements,
-        expires_at=float(exp) if _is_number(exp) else 0.0,
+        entitlements=identity.entitlements,
+        expires_at=float(exp) if is_number(exp) else 0.0,
         token_id=token_digest(token)[:16],
         parsed_entitlements=parsed.valid,
         malformed_entitlements=parsed.malformed,
+        userinfo=identity.userinfo,
+        introspection=identity.introspection,
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Validated:
+    """A cache entry: the principal, and the key that verified it (re-checked on every hit)."""
+
+    principal: Principal
+    provider: ProviderClient
+    kid: str | None = None
+    key: PublicKey | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """A token's issuer and JOSE header as far as they can be checked before any I/O (alg None: opaque)."""
+
+    provider: ProviderClient
+    alg: str | None = None
+    kid: str | None = None
+
+
 class TokenValidator:
-    """Validates bearer tokens from the configured issuers; caches valid ones by token hash."""
+    """Validates bearer tokens from the configured issuers, with their userinfo/introspection claims.
+
+    Results (and, briefly, refusals and provider failures) are cached under the token's SHA-256 until
+    the token expires or ``cache_seconds`` pass, whichever is first; concurrent first requests with
+    the same token share one validation (single flight).
+    """
 
     def __init__(
         self,
@@ -158,61 +170,110 @@ class TokenValidator:
         *,
         max_token_bytes: int,
         clock: Callable[[], float] = time.time,
-        cache_size: int = TOKEN_CACHE_SIZE,
-        cache_seconds: float = TOKEN_CACHE_SECONDS,
+        cache_size: int = DEFAULT_TOKEN_CACHE_SIZE,
+        cache_seconds: float = DEFAULT_TOKEN_CACHE_SECONDS,
+        failure_cache_seconds: float = DEFAULT_FAILURE_CACHE_SECONDS,
+        client_secrets: Mapping[str, str] | None = None,
     ) -> None:
+        secrets = client_secrets or {}
         self._providers = dict(providers)
+        self._sources = {issuer: ClaimSources(p, secrets.get(issuer)) for issuer, p in self._providers.items()}
+        # Opaque tokens name no issuer: only the one issuer configured for them ever sees one.
+        self._opaque = next((s for s in self._sources.values() if s.settings.accept_opaque_tokens), None)
         self._max_token_bytes = max_token_bytes
         self._clock = clock
-        self._cache: TTLCache[str, Principal] = TTLCache(maxsize=cache_size, ttl=cache_seconds, timer=clock)
+        self._cache_seconds = cache_seconds
+        self._cache: SingleFlightCache[str, _Validated] = SingleFlightCache(
+            cache_size, failure_seconds=failure_cache_seconds, clock=clock
+        )
 
     @property
     def providers(self) -> Mapping[str, ProviderClient]:
         return self._providers
 
+    @property
+    def sources(self) -> Mapping[str, ClaimSources]:
+        return self._sources
+
     async def authenticate(self, authorization: Sequence[str]) -> Principal:
         token = extract_bearer(authorization, max_bytes=self._max_token_bytes)
         digest = token_digest(token)
-        cached = self._cache.get(digest)
-        now = self._clock()
-        if cached is not None:
-            leeway = self._providers[cached.issuer].settings.leeway_seconds
-            if now < cached.expires_at + leeway:
-                return cached
-            self._cache.pop(digest, None)
-        principal = await self.validate(token, now)
-        self._cache[digest] = principal
-        return principal
+        hit = self._cache.get(digest)
+        if hit is not None:
+            if hit.key is None:
+                return hit.principal
+            if hit.provider.key_is_current(hit.kid, hit.key):
+                hit.provider.refresh_soon()
+                return hit.principal
+            self._cache.discard(digest)  # the provider no longer publishes the key: verify again
+        shape = self._shape(token)  # checks that need no I/O come first, outside the cache
+        validated = await self._cache.compute(digest, lambda: self._validate(token, shape))
+        return validated.principal
 
-    async def validate(self, token: str, now: float) -> Principal:
+    async def validate(self, token: str, now: float | None = None) -> Principal:
+        """Validate without the cache."""
+        validated, _ = await self._validate(token, self._shape(token), now)
+        return validated.principal
+
+    def _shape(self, token: str) -> _Shape:
+        """Which issuer may look at this token, and how: decided without I/O (deny by default)."""
         parts = token.split(".")
-        if len(parts) != 3:
-            raise AuthenticationError("the token is not a signed JWT", reason="malformed_token")
-        if len(parts[0]) > _MAX_HEADER_SEGMENT:
-            raise AuthenticationError("the token header is too large", reason="malformed_token")
-        header = _b64json(parts[0], "header")
+        header = _jwt_header(parts)
+        if header is None:
+            if self._opaque is None:
+                raise AuthenticationError(
+                    "the token is not a JWT, and no issuer here accepts opaque tokens", reason="malformed_token"
+                )
+            return _Shape(self._opaque.provider)
         unverified = _b64json(parts[1], "payload")
         # Deny by default: only configured issuers are trusted, decided before any outbound request.
         issuer = unverified.get("iss")
         provider = self._providers.get(issuer) if isinstance(issuer, str) else None
         if provider is None:
             raise AuthenticationError("the token's issuer is not trusted here", reason="untrusted_issuer")
-        settings = provider.settings
         alg = header.get("alg")
         # RFC 8725 §3.1: use an allow-list of algorithms; never "none", never HMAC with a public key.
-        if not isinstance(alg, str) or alg not in settings.algorithms:
+        if not isinstance(alg, str) or alg not in provider.settings.algorithms:
             raise AuthenticationError("the token's signing algorithm is not allowed", reason="algorithm_not_allowed")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise AuthenticationError("the token's key id is not a string", reason="malformed_token")
+        return _Shape(provider, alg, kid)
+
+    async def _validate(self, token: str, shape: _Shape, now: float | None = None) -> tuple[_Validated, float]:
+        now = self._clock() if now is None else now
+        if shape.alg is None:
+            validated = await self._validate_opaque(token, shape.provider, now)
+        else:
+            validated = await self._validate_jwt(token, shape, now)
+        principal = validated.principal
+        exp = principal.claims.get("exp")
+        expires_at = now + self._cache_seconds
+        if is_number(exp):
+            expires_at = min(expires_at, exp + shape.provider.settings.leeway_seconds)
+        return validated, expires_at
+
+    async def _validate_opaque(self, token: str, provider: ProviderClient, now: float) -> _Validated:
+        settings = provider.settings
+        sources = self._sources[settings.issuer]
+        answer = await sources.introspect(token)
+        check_introspected_type(answer, settings.token_types)
+        check_bearer(answer)
+        check_time_claims(answer, now, settings.leeway_seconds, require_exp=False)
+        check_audience(answer, settings.audiences)
+        identity = await resolve(settings, sources, token, answer, introspection=answer)
+        return _Validated(make_principal(settings, answer, identity, token), provider)
+
+    async def _validate_jwt(self, token: str, shape: _Shape, now: float) -> _Validated:
+        provider, settings = shape.provider, shape.provider.settings
         # jku, x5u and jwk headers are ignored: keys come only from the configured issuer.
-        key = await provider.key_for(kid)
+        key = await provider.key_for(shape.kid)
         if key is None:
             raise AuthenticationError(
                 "the token was signed with a key the issuer does not publish", reason="unknown_key"
             )
         try:
-            decoded = jwt.decode(token, key, algorithms=[alg])
+            decoded = jwt.decode(token, key, algorithms=[shape.alg or ""])
         except BadSignatureError as exc:
             raise AuthenticationError("the token's signature is invalid", reason="bad_signature") from exc
         except JoseError as exc:
@@ -222,4 +283,37 @@ class TokenValidator:
         claims = decoded.claims
         check_time_claims(claims, now, settings.leeway_seconds)
         check_audience(claims, settings.audiences)
-        return make_principal(settings, claims, token)
+        check_jwt_type(claims, settings.token_types)
+        check_bearer(claims)
+        # Only now, with the signature verified, may the token go to its own issuer's endpoints.
+        identity = await resolve(settings, self._sources[settings.issuer], token, claims)
+        return _Validated(make_principal(settings, claims, identity, token), provider, shape.kid, key)
+
+    async def aclose(self) -> None:
+        await self._cache.aclose()
+        for provider in self._providers.values():
+            await provider.aclose()
+
+
+def build_validator(settings: Settings, http: httpx.AsyncClient) -> TokenValidator:
+    """The validator for a running proxy: one provider client per configured issuer, shared ``http``."""
+    oidc = settings.oidc
+    providers = {
+        i.issuer: ProviderClient(
+            i,
+            http,
+            timeout=oidc.http_timeout_seconds,
+            cache_seconds=oidc.jwks_cache_seconds,
+            min_refetch_seconds=oidc.jwks_min_refetch_seconds,
+            failure_backoff_seconds=oidc.failure_cache_seconds,
+        )
+        for i in oidc.issuers
+    }
+    return TokenValidator(
+        providers,
+        max_token_bytes=settings.server.max_token_bytes,
+        cache_size=oidc.token_cache_size,
+        cache_seconds=oidc.token_cache_seconds,
+        failure_cache_seconds=oidc.failure_cache_seconds,
+        client_secrets=read_client_secrets(oidc),
+    )

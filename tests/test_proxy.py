@@ -205,3 +205,22 @@ async def test_not_ready_when_upstream_is_down(tmp_path: Path, httpx_mock: HTTPX
         ready = await client.get("/_slurmproxy/ready")
     assert ready.status_code == 503
     assert "unreachable" in ready.json()["checks"]["upstream"]
+
+
+async def test_provider_outage_is_503_json_for_a_checkin_token(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer
+) -> None:
+    userinfo = f"{ISSUER}/protocol/openid-connect/userinfo"
+    httpx_mock.add_exception(httpx.ConnectError("refused"), url=userinfo)
+    issuer = {"preset": "egi-checkin", "issuer": ISSUER, "userinfo_endpoint": userinfo}
+    token = signer.token(aud=None, eduperson_entitlement=None, typ="Bearer")
+    async with app_client(make_settings(tmp_path, oidc={"issuers": [issuer]})) as client:
+        response = await client.get("/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/json"
+    assert "www-authenticate" not in response.headers
+    assert response.json()["slurmproxy"]["reason"] == "provider_unreachable"
+    assert upstream_requests(httpx_mock) == []
+    (record,) = audit_lines(tmp_path)
+    assert record["decision"] == "error" and record["status"] == 503 and record["reason"] == "provider_unreachable"
+    assert token not in (tmp_path / "audit.log").read_text()

@@ -100,6 +100,56 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ),
         pytest.param({"upstream": {**UP, "discovery_user": "No Body"}}, "upstream.discovery_user", id="discovery-name"),
         pytest.param({"upstream": {**UP, "api_versions_refresh_seconds": 5}}, "at least 10", id="refresh-too-often"),
+        pytest.param(
+            {"oidc": {"issuers": [{"issuer": "https://aai.egi.eu/oidc/"}]}}, "retired EGI Check-in", id="legacy-checkin"
+        ),
+        pytest.param(
+            {"oidc": {"issuers": [{"preset": "egi-checkin", "issuer": "https://aai-dev.egi.eu/oidc"}]}},
+            "retired EGI Check-in",
+            id="legacy-checkin-dev-over-preset",
+        ),
+        pytest.param({"oidc": {"issuers": [{"preset": "egi-chekin"}]}}, "oidc.issuers.0.preset", id="preset-typo"),
+        pytest.param(
+            {"oidc": {"issuers": [{"issuer": "https://i", "accept_opaque_tokens": True}]}},
+            "needs client_id and client_secret_file",
+            id="opaque-without-client",
+        ),
+        pytest.param(
+            {"oidc": {"issuers": [{"issuer": "https://i", "entitlements_source": "introspection", "client_id": "c"}]}},
+            "needs client_id and client_secret_file",
+            id="introspection-without-secret",
+        ),
+        pytest.param(
+            {"oidc": {"issuers": [{"issuer": "https://i", "entitlements_source": "ldap"}]}},
+            "entitlements_source",
+            id="unknown-source",
+        ),
+        pytest.param(
+            {
+                "oidc": {
+                    "issuers": [
+                        {
+                            "issuer": f"https://{n}",
+                            "accept_opaque_tokens": True,
+                            "client_id": "c",
+                            "client_secret_file": "s",
+                        }
+                        for n in ("a", "b")
+                    ]
+                }
+            },
+            "at most one issuer may accept opaque tokens",
+            id="two-opaque-issuers",
+        ),
+        pytest.param(
+            {"oidc": {"issuers": [{"issuer": "https://i", "userinfo_endpoint": "idp/userinfo"}]}},
+            "userinfo_endpoint",
+            id="endpoint-url",
+        ),
+        pytest.param(
+            {"oidc": {"issuers": [{"issuer": "https://i", "subject_claim": []}]}}, "subject_claim", id="no-sub"
+        ),
+        pytest.param({"oidc": {"jwks_min_refetch_seconds": 0}}, "jwks_min_refetch_seconds", id="refetch-zero"),
     ],
 )
 def test_invalid_config_names_file_and_field(tmp_path: Path, patch: dict[str, object], fragment: str) -> None:
@@ -141,3 +191,48 @@ def test_identity_backends_resolve_paths_and_expand_pools(tmp_path: Path) -> Non
     assert identity.alise["egi"].outage == "fail_closed"
     assert identity.pools["vo"].accounts == ("vo001", "vo002", "vo003", "extra")
     assert identity.pool_database == tmp_path / "state/leases.sqlite"
+
+
+@pytest.mark.parametrize(
+    ("preset", "issuer"),
+    [
+        pytest.param("egi-checkin", "https://aai.egi.eu/auth/realms/egi", id="production"),
+        pytest.param("egi-checkin-demo", "https://aai-demo.egi.eu/auth/realms/egi", id="demo"),
+        pytest.param("egi-checkin-dev", "https://aai-dev.egi.eu/auth/realms/egi", id="development"),
+    ],
+)
+def test_checkin_preset_is_one_line(tmp_path: Path, preset: str, issuer: str) -> None:
+    path = write(tmp_path, {**BASE, "oidc": {"issuers": [{"preset": preset}]}})
+    (checkin,) = load_settings(path).oidc.issuers
+    assert checkin.issuer == issuer
+    assert checkin.algorithms == ("RS256",)
+    assert checkin.entitlements_source == "userinfo"
+    assert checkin.subject_claim == ("voperson_id", "sub")
+    assert checkin.claim_sources == {"userinfo"}
+    assert checkin.token_types == ("Bearer",)
+    assert checkin.audiences == ()
+    assert not checkin.uses_introspection
+
+
+def test_settings_next_to_a_preset_override_it(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("s3cret\n")
+    entry = {
+        "preset": "egi-checkin",
+        "subject_claim": "sub",
+        "entitlements_source": "introspection",
+        "client_id": "slurmproxy",
+        "client_secret_file": "secret",
+    }
+    (checkin,) = load_settings(write(tmp_path, {**BASE, "oidc": {"issuers": [entry]}})).oidc.issuers
+    assert checkin.issuer == "https://aai.egi.eu/auth/realms/egi"
+    assert checkin.subject_claim == ("sub",)
+    assert checkin.subject_source == "userinfo"  # still the preset's
+    assert checkin.claim_sources == {"userinfo", "introspection"}
+    assert checkin.client_secret_file == tmp_path / "secret"
+
+
+def test_generic_issuer_defaults_read_only_the_token(tmp_path: Path) -> None:
+    (issuer,) = load_settings(write(tmp_path, BASE)).oidc.issuers
+    assert issuer.claim_sources == {"token"}
+    assert issuer.subject_claim == ("sub",)
+    assert not issuer.accept_opaque_tokens and not issuer.uses_introspection

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from slurmproxy.claims import read_client_secrets
 from slurmproxy.commands import EXIT_CONFIG, EXIT_OK, add_config_argument
 from slurmproxy.credentials import CredentialError, credentials_from
 from slurmproxy.identity import check_identity_config
@@ -27,6 +28,7 @@ def validate(config: Path | None) -> Settings:
     load_runtime_policy(settings)
     credentials_from(settings.upstream)
     check_identity_config(settings.identity)
+    read_client_secrets(settings.oidc)
     return settings
 
 
