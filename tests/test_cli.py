@@ -72,3 +72,14 @@ def test_check_config_refuses_unconfigured_backends_and_unreadable_keys(
     assert "cannot read apikey_file" in capsys.readouterr().err
     (tmp_path / "missing.key").write_text("k3y\n")
     assert main(["check-config", "--config", config]) == 0
+
+
+def test_check_config_reads_the_introspection_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    issuer = {"preset": "egi-checkin", "client_id": "proxy", "client_secret_file": "checkin.secret"}
+    make_settings(tmp_path, oidc={"issuers": [issuer]})
+    config = str(tmp_path / "config.yaml")
+    assert main(["check-config", "--config", config]) == EXIT_CONFIG
+    assert "checkin.secret: cannot read the client secret" in capsys.readouterr().err
+    (tmp_path / "checkin.secret").write_text("not-so-secret\n")
+    assert main(["check-config", "--config", config]) == 0
+    assert "not-so-secret" not in capsys.readouterr().out
