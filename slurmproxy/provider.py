@@ -99,6 +99,8 @@ class ProviderClient:
         self._metadata: dict[str, Any] | None = None
         self._keys = _KeyCache()
         self._lock = asyncio.Lock()
+        self._metadata_lock = asyncio.Lock()
+        self._discovery_failure: tuple[float, DependencyError] | None = None
         self._failed_at: float | None = None
         self._failure: DependencyError | None = None
         self._background: asyncio.Task[None] | None = None
@@ -118,17 +120,32 @@ class ProviderClient:
         return json_object(await send(self.http, request, what, self.timeout), what)
 
     async def metadata(self) -> dict[str, Any]:
-        """OIDC Discovery 1.0 §4: fetched once from the configured issuer; cached for the process."""
-        if self._metadata is None:
-            url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
-            document = await self._get_json(url, "discovery")
-            # OIDC Discovery §4.3: the issuer in the document MUST be identical to the configured one.
-            if document.get("issuer") != self.issuer:
-                raise DependencyError(
-                    "discovery document names a different issuer than configured", reason="provider_error"
+        """OIDC Discovery 1.0 §4: fetched once from the configured issuer; cached for the process.
+
+        Single flight; after a failure, callers get the same 503 without a request for the back-off.
+        """
+        if self._metadata is not None:
+            return self._metadata
+        async with self._metadata_lock:
+            if self._metadata is not None:
+                return self._metadata
+            failed = self._discovery_failure
+            if failed is not None and self._clock() - failed[0] < self._backoff:
+                raise _fresh(failed[1])
+            try:
+                document = await self._get_json(
+                    self.issuer.rstrip("/") + "/.well-known/openid-configuration", "discovery"
                 )
-            self._metadata = document
-        return self._metadata
+                # OIDC Discovery §4.3: the issuer in the document MUST be identical to the configured one.
+                if document.get("issuer") != self.issuer:
+                    raise DependencyError(
+                        "discovery document names a different issuer than configured", reason="provider_error"
+                    )
+            except DependencyError as exc:
+                self._discovery_failure = (self._clock(), exc)
+                raise
+            self._metadata, self._discovery_failure = document, None
+            return document
 
     async def endpoint(self, name: str) -> str:
         """A configured endpoint (``jwks_uri``, ``userinfo_endpoint``, ...), else the discovery document's."""

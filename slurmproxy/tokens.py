@@ -12,11 +12,6 @@ issuer configured with ``accept_opaque_tokens`` (never to any other), or is refu
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import json
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +22,7 @@ import httpx
 from joserfc import jwt
 from joserfc.errors import BadSignatureError, JoseError
 
+from slurmproxy.bearer import b64json, check_token_syntax, extract_bearer, jwt_header, token_digest
 from slurmproxy.checks import (
     check_audience,
     check_bearer,
@@ -37,7 +33,7 @@ from slurmproxy.checks import (
 )
 from slurmproxy.claims import ClaimSources, Identity, read_client_secrets, resolve
 from slurmproxy.entitlements import Entitlement, parse_all
-from slurmproxy.errors import AuthenticationError, BadRequestError, MissingTokenError
+from slurmproxy.errors import AuthenticationError
 from slurmproxy.provider import ProviderClient, PublicKey
 from slurmproxy.settings import (
     DEFAULT_FAILURE_CACHE_SECONDS,
@@ -50,9 +46,7 @@ from slurmproxy.singleflight import SingleFlightCache
 
 __all__ = ["Principal", "TokenValidator", "build_validator", "check_time_claims", "extract_bearer", "token_digest"]
 
-# RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
-_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-_MAX_HEADER_SEGMENT = 2048
+MIN_PROVIDER_BACKOFF_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,61 +67,6 @@ class Principal:
     @property
     def key(self) -> tuple[str, str]:
         return (self.issuer, self.subject)
-
-
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def extract_bearer(values: Sequence[str], *, max_bytes: int, check_syntax: bool = True) -> str:
-    """The token from the request's Authorization header(s), or an AuthenticationError.
-
-    ``check_syntax=False`` leaves the character check (the costliest part, a regex over the whole
-    token) to the caller: the validator runs it only for tokens not already in its cache, since a
-    cached token passed it.
-    """
-    if not values:
-        raise MissingTokenError()
-    if len(values) > 1:
-        raise BadRequestError("more than one Authorization header", reason="duplicate_authorization")
-    scheme, _, token = values[0].strip().partition(" ")
-    # RFC 7235 §2.1: the auth-scheme is case-insensitive.
-    if scheme.lower() != "bearer":
-        raise AuthenticationError("the Authorization header is not a Bearer token", reason="not_bearer")
-    token = token.strip()
-    if not token:
-        raise MissingTokenError()
-    if len(token) > max_bytes:
-        raise AuthenticationError(f"the token is longer than {max_bytes} bytes", reason="token_too_large")
-    if check_syntax:
-        check_token_syntax(token)
-    return token
-
-
-def check_token_syntax(token: str) -> None:
-    if not _B64TOKEN.fullmatch(token):
-        raise AuthenticationError("the token has characters a bearer token cannot have", reason="malformed_token")
-
-
-def _b64json(segment: str, what: str) -> dict[str, Any]:
-    try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        value = json.loads(raw)
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
-        raise AuthenticationError(f"the token's {what} is not base64url JSON", reason="malformed_token") from exc
-    if not isinstance(value, dict):
-        raise AuthenticationError(f"the token's {what} is not a JSON object", reason="malformed_token")
-    return value
-
-
-def _jwt_header(parts: list[str]) -> dict[str, Any] | None:
-    """The JOSE header when the token is shaped like a JWS (three segments, a JSON header), else None."""
-    if len(parts) != 3 or len(parts[0]) > _MAX_HEADER_SEGMENT:
-        return None
-    try:
-        return _b64json(parts[0], "header")
-    except AuthenticationError:
-        return None
 
 
 def make_principal(settings: IssuerSettings, claims: Mapping[str, Any], identity: Identity, token: str) -> Principal:
@@ -230,14 +169,14 @@ class TokenValidator:
     def _shape(self, token: str) -> _Shape:
         """Which issuer may look at this token, and how: decided without I/O (deny by default)."""
         parts = token.split(".")
-        header = _jwt_header(parts)
+        header = jwt_header(parts)
         if header is None:
             if self._opaque is None:
                 raise AuthenticationError(
                     "the token is not a JWT, and no issuer here accepts opaque tokens", reason="malformed_token"
                 )
             return _Shape(self._opaque.provider)
-        unverified = _b64json(parts[1], "payload")
+        unverified = b64json(parts[1], "payload")
         # Deny by default: only configured issuers are trusted, decided before any outbound request.
         issuer = unverified.get("iss")
         provider = self._providers.get(issuer) if isinstance(issuer, str) else None
@@ -317,7 +256,8 @@ def build_validator(settings: Settings, http: httpx.AsyncClient) -> TokenValidat
             timeout=oidc.http_timeout_seconds,
             cache_seconds=oidc.jwks_cache_seconds,
             min_refetch_seconds=oidc.jwks_min_refetch_seconds,
-            failure_backoff_seconds=oidc.failure_cache_seconds,
+            # Even with failures not cached per token, a failing provider is not asked again at once.
+            failure_backoff_seconds=max(MIN_PROVIDER_BACKOFF_SECONDS, oidc.failure_cache_seconds),
         )
         for i in oidc.issuers
     }

@@ -231,3 +231,20 @@ async def test_timeout_is_reported_as_provider_timeout(httpx_mock: HTTPXMock) ->
         with pytest.raises(DependencyError) as err:
             await _provider(http, Clock()).key_for("key-1")
     assert err.value.reason == "provider_timeout"
+
+
+async def test_discovery_failure_is_single_flight_and_backs_off(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_exception(httpx.ConnectError("down"), url=DISCOVERY)
+    httpx_mock.add_response(url=DISCOVERY, json={**discovery(), "userinfo_endpoint": f"{ISSUER}/userinfo"})
+    clock = Clock()
+    async with httpx.AsyncClient() as http:
+        provider = _provider(http, clock)
+        results = await asyncio.gather(
+            *(provider.endpoint("userinfo_endpoint") for _ in range(50)), return_exceptions=True
+        )
+        assert {getattr(r, "reason", None) for r in results} == {"provider_unreachable"}
+        assert len(httpx_mock.get_requests()) == 1
+        clock.now += 5
+        assert await provider.endpoint("userinfo_endpoint") == f"{ISSUER}/userinfo"
+        assert await provider.endpoint("jwks_uri") == JWKS_URI
+    assert len(httpx_mock.get_requests()) == 2

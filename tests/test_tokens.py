@@ -14,10 +14,10 @@ from joserfc import jwt
 from joserfc.jwk import ECKey
 from pytest_httpx import HTTPXMock
 
-from slurmproxy.errors import AuthenticationError, BadRequestError, DependencyError, MissingTokenError
+from slurmproxy.errors import AuthenticationError, DependencyError
 from slurmproxy.provider import ProviderClient
 from slurmproxy.settings import IssuerSettings
-from slurmproxy.tokens import TokenValidator, check_time_claims, extract_bearer
+from slurmproxy.tokens import TokenValidator, check_time_claims
 from tests.helpers import AUDIENCE, ISSUER, JWKS_URI, OTHER_ISSUER, VO_MEMBER, Signer, discovery
 
 pytestmark = pytest.mark.anyio
@@ -156,28 +156,6 @@ async def test_token_signed_by_another_key_of_the_same_kid_is_refused(httpx_mock
         with pytest.raises(AuthenticationError) as err:
             await _validator(http).authenticate([f"Bearer {impostor.token()}"])
     assert err.value.reason == "bad_signature"
-
-
-@pytest.mark.parametrize(
-    ("values", "error", "reason"),
-    [
-        pytest.param([], MissingTokenError, "missing_token", id="no-header"),
-        pytest.param(["Bearer"], MissingTokenError, "missing_token", id="empty-bearer"),
-        pytest.param(["Basic dXNlcjpwYXNz"], AuthenticationError, "not_bearer", id="basic"),
-        pytest.param(["Bearer a.b.c", "Bearer d.e.f"], BadRequestError, "duplicate_authorization", id="two-headers"),
-        pytest.param(["Bearer " + "a" * 20000], AuthenticationError, "token_too_large", id="too-large"),
-        pytest.param(["Bearer t\u00f6ken"], AuthenticationError, "malformed_token", id="non-ascii"),
-        pytest.param(["Bearer a b"], AuthenticationError, "malformed_token", id="space-inside"),
-    ],
-)
-def test_extract_bearer_refusals(values: list[str], error: type[Exception], reason: str) -> None:
-    with pytest.raises(error) as err:
-        extract_bearer(values, max_bytes=16384)
-    assert getattr(err.value, "reason", None) == reason
-
-
-def test_bearer_scheme_is_case_insensitive() -> None:
-    assert extract_bearer(["bEaReR abc.def.ghi"], max_bytes=100) == "abc.def.ghi"
 
 
 @pytest.mark.parametrize(
