@@ -37,6 +37,8 @@ PublicKey = RSAKey | ECKey | OKPKey
 DEFAULT_MIN_REFETCH_SECONDS = 60.0
 DEFAULT_FAILURE_BACKOFF_SECONDS = 5.0
 MAX_DOCUMENT_BYTES = 512 * 1024
+# RFC 7638 §3.2: the members that make a public key what it is (other members may change freely).
+_KEY_MATERIAL = ("kty", "crv", "n", "e", "x", "y")
 
 
 async def send(http: httpx.AsyncClient, request: httpx.Request, what: str, timeout: float) -> httpx.Response:
@@ -72,7 +74,7 @@ class _KeyCache:
     keys: dict[str, PublicKey] = field(default_factory=dict)
     unnamed: list[PublicKey] = field(default_factory=list)
     fetched_at: float | None = None
-    documents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    material: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
 
 class ProviderClient:
@@ -267,9 +269,10 @@ def _parse_jwks(document: dict[str, Any], now: float, previous: _KeyCache) -> _K
         if entry.get("kty") not in {"RSA", "EC", "OKP"} or "d" in entry:
             continue
         kid = entry.get("kid")
-        if isinstance(kid, str) and previous.documents.get(kid) == entry:
+        material = tuple(entry.get(member) for member in _KEY_MATERIAL)
+        if isinstance(kid, str) and previous.material.get(kid) == material:
             # The same key as before keeps its identity, so cached tokens verified with it stay valid.
-            cache.keys[kid], cache.documents[kid] = previous.keys[kid], entry
+            cache.keys[kid], cache.material[kid] = previous.keys[kid], material
             continue
         try:
             key = JWKRegistry.import_key(entry)
@@ -279,7 +282,7 @@ def _parse_jwks(document: dict[str, Any], now: float, previous: _KeyCache) -> _K
         if not isinstance(key, RSAKey | ECKey | OKPKey):  # pragma: no cover - kty filtered above
             continue
         if isinstance(kid, str):
-            cache.keys[kid], cache.documents[kid] = key, entry
+            cache.keys[kid], cache.material[kid] = key, material
         else:
             cache.unnamed.append(key)
     return cache

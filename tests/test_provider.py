@@ -106,15 +106,20 @@ async def test_stale_key_set_is_replaced_in_the_background(httpx_mock: HTTPXMock
 
 
 async def test_an_unchanged_key_keeps_its_identity_across_fetches(httpx_mock: HTTPXMock) -> None:
-    signer = Signer()
+    signer, impostor = Signer(), Signer()
+    same_with_metadata = {"keys": [{**signer.jwks()["keys"][0], "x5t": "abc", "alg": "RS256"}]}
     httpx_mock.add_response(url=DISCOVERY, json=discovery())
-    httpx_mock.add_response(url=JWKS_URI, json=signer.jwks(), is_reusable=True)
+    httpx_mock.add_response(url=JWKS_URI, json=signer.jwks())
+    httpx_mock.add_response(url=JWKS_URI, json=same_with_metadata)
+    httpx_mock.add_response(url=JWKS_URI, json=impostor.jwks())  # same kid, other key
     async with httpx.AsyncClient() as http:
         provider = _provider(http, Clock())
         key = await provider.key_for("key-1")
         assert key is not None
         await provider.refresh_keys(force=True)
         assert provider.key_is_current("key-1", key)
+        await provider.refresh_keys(force=True)
+        assert not provider.key_is_current("key-1", key)
 
 
 async def test_unknown_kid_during_an_outage_is_503_and_the_provider_is_not_hammered(httpx_mock: HTTPXMock) -> None:
