@@ -24,7 +24,7 @@ from slurmproxy.provider import ProviderClient, json_object, send
 from slurmproxy.settings import ConfigError, IssuerSettings, OidcSettings
 
 MAX_SECRET_BYTES = 4096
-_TOKEN_REFUSED = frozenset({400, 401, 403})
+_TOKEN_REFUSED = frozenset({401, 403})  # RFC 6750 §3.1: invalid_token, insufficient_scope
 
 
 def basic_auth(client_id: str, secret: str) -> str:

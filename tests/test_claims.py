@@ -50,6 +50,7 @@ async def test_userinfo_sends_the_token_as_bearer_and_returns_claims(httpx_mock:
     [
         pytest.param({"status_code": 401}, AuthenticationError, "userinfo_rejected", id="401-token-refused"),
         pytest.param({"status_code": 403}, AuthenticationError, "userinfo_rejected", id="403-insufficient-scope"),
+        pytest.param({"status_code": 400}, DependencyError, "provider_error", id="400-not-the-tokens-fault"),
         pytest.param({"status_code": 500}, DependencyError, "provider_error", id="500"),
         pytest.param({"status_code": 502}, DependencyError, "provider_error", id="502"),
         pytest.param({"content": b"<html>"}, DependencyError, "provider_error", id="not-json"),
