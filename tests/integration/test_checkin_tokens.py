@@ -86,14 +86,18 @@ def start_proxy(
     return factory(config, {"site.yaml": checkin_policy(issuer["issuer"], *subjects)})
 
 
+def own_provider(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[OidcProvider]:
+    with OidcProvider(tmp_path_factory.mktemp(name), default_config()) as provider:
+        yield provider
+
+
 def reason(response: httpx.Response) -> str:
     return str(response.json()["slurmproxy"]["reason"])
 
 
 @pytest.fixture(scope="module")
 def checkin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
-    with OidcProvider(tmp_path_factory.mktemp("oidc-checkin"), default_config()) as provider:
-        yield provider
+    yield from own_provider(tmp_path_factory, "oidc-checkin")
 
 
 @pytest.fixture(scope="module")
@@ -174,16 +178,17 @@ def test_opaque_token_is_validated_by_introspection_and_a_revoked_one_is_401(
     assert the_record(checkin_proxy, f"{request_id}-revoked")["decision"] == "deny"
 
 
-async def _burst(url: str, token: str, count: int, concurrency: int) -> list[httpx.Response]:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+async def _burst(url: str, tokens: list[str], concurrency: int) -> list[httpx.Response]:
+    """GET ``url`` once per token, ``concurrency`` requests at a time."""
     gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=120) as client:
 
         async def one(bearer: str) -> httpx.Response:
             async with gate:
                 return await client.get(url, headers={"Authorization": f"Bearer {bearer}"})
 
-        return await asyncio.gather(*(one(token) for _ in range(count)))
+        return await asyncio.gather(*(one(t) for t in tokens))
 
 
 def test_200_concurrent_requests_with_a_new_token_make_one_userinfo_call(
@@ -191,23 +196,12 @@ def test_200_concurrent_requests_with_a_new_token_make_one_userinfo_call(
 ) -> None:
     token = checkin.login("carol")
     checkin.reset_stats()
-    responses = asyncio.run(_burst(f"{checkin_proxy.url}{api}/ping", token, 200, 200))
+    responses = asyncio.run(_burst(f"{checkin_proxy.url}{api}/ping", [token] * 200, 200))
     assert [r.status_code for r in responses] == [200] * 200, {r.text for r in responses if r.status_code != 200}
     assert ping_up(responses[0].json())
     stats = checkin.stats()
     assert stats["userinfo"] == 1, stats
     assert stats["introspection"] == 0 and stats["jwks"] == 0 and stats["discovery"] == 0, stats
-
-
-async def _forged_burst(url: str, tokens: list[str], concurrency: int) -> list[httpx.Response]:
-    gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency), timeout=120) as client:
-
-        async def one(bearer: str) -> httpx.Response:
-            async with gate:
-                return await client.get(url, headers={"Authorization": f"Bearer {bearer}"})
-
-        return await asyncio.gather(*(one(t) for t in tokens))
 
 
 def test_1000_random_kids_cause_at_most_one_key_fetch_per_interval(
@@ -224,7 +218,7 @@ def test_1000_random_kids_cause_at_most_one_key_fetch_per_interval(
     time.sleep(interval + 0.2)  # precondition: the proxy may refetch now, so the flood does trigger one fetch
     checkin.reset_stats()
     started = time.monotonic()
-    responses = asyncio.run(_forged_burst(f"{checkin_proxy.url}{api}/ping", tokens, 50))
+    responses = asyncio.run(_burst(f"{checkin_proxy.url}{api}/ping", tokens, 50))
     elapsed = time.monotonic() - started
     assert {r.status_code for r in responses} == {401}
     assert {reason(r) for r in responses} == {"unknown_key"}
@@ -271,8 +265,7 @@ def test_entitlements_from_introspection_subject_from_the_token(
 
 @pytest.fixture(scope="module")
 def rotating(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
-    with OidcProvider(tmp_path_factory.mktemp("oidc-rotating"), default_config()) as provider:
-        yield provider
+    yield from own_provider(tmp_path_factory, "oidc-rotating")
 
 
 def _until_refused(proxy: ProxyServer, path: str, token: str, timeout: float = 30) -> httpx.Response:
@@ -318,8 +311,7 @@ def test_rotated_keys_without_restart_and_dropped_keys_stop_validating(
 
 @pytest.fixture(scope="module")
 def flaky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
-    with OidcProvider(tmp_path_factory.mktemp("oidc-flaky"), default_config()) as provider:
-        yield provider
+    yield from own_provider(tmp_path_factory, "oidc-flaky")
 
 
 def test_provider_outage_cached_tokens_pass_new_ones_get_503_until_it_is_back(
