@@ -3,8 +3,9 @@
 The proxy's own endpoints live under ``/_slurmproxy/`` (never a slurmrestd path):
 
 * ``/_slurmproxy/live``: liveness, no I/O;
-* ``/_slurmproxy/ready``: readiness with details: keys loaded for every issuer, policy loaded,
-  slurmrestd answering.
+* ``/_slurmproxy/ready``: readiness with details: keys loaded for every issuer, policy loaded (and
+  whether the last reload failed), slurmrestd answering;
+* ``/_slurmproxy/whoami``: who the proxy thinks the caller is, and what they may do.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from slurmproxy.proxy import ProxyEndpoint
 from slurmproxy.responses import json_response
 from slurmproxy.runtime import Runtime, open_runtime
 from slurmproxy.settings import Settings, load_settings
+from slurmproxy.whoami import WhoamiEndpoint, policy_details
 
 logger = logging.getLogger("slurmproxy")
 CONFIG_ENV = "SLURMPROXY_CONFIG"
@@ -74,7 +76,7 @@ async def ready(request: Request) -> Response:
         "status": "ready" if upstream_ok and keys_ok else "not ready",
         "checks": {
             "issuers": keys,
-            "policy": {"rules": len(runtime.policy.rules), "digest": runtime.policy.digest},
+            "policy": policy_details(runtime),
             "upstream": upstream_detail,
             "api_versions": runtime.apis.report(),
             "upstream_credential": runtime.upstream_auth.report(),
@@ -116,6 +118,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         Route(f"{PREFIX}/live", live, methods=["GET"]),
         Route(f"{PREFIX}/ready", ready, methods=["GET"]),
+        Route(f"{PREFIX}/whoami", WhoamiEndpoint(), methods=["GET"]),
         Route("/{path:path}", ProxyEndpoint()),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -10,8 +10,10 @@ group, subgroups and role compare case-sensitively; the authority is a DNS-style
 compares case-insensitively. Matching is exact on the parsed parts, never a substring test:
 ``vo.example.org`` never matches ``vo.example.org.evil``.
 
-Strings that are not group entitlements (capabilities, GOCDB roles, free text) parse to ``None``:
-they are ignored and counted, never a crash.
+Strings that are not group entitlements parse to ``None``: they are ignored and counted, never a
+crash. :func:`parse_all` tells two kinds apart: *other* entitlements (well-formed URNs of another
+kind: AARC-G027 capabilities, GOCDB roles) and *malformed* ones (anything else, including strings
+that say ``:group:`` but break the syntax).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ _ENTITLEMENT = re.compile(
     r"(?::role=(?P<role>[^:#\s]+))?"
     r"(?:#(?P<authority>[^#\s]+))?"
 )
+_OTHER_URN = re.compile(r"[uU][rR][nN]:[A-Za-z0-9][A-Za-z0-9-]{0,31}:\S+")
 MAX_ENTITLEMENT_LENGTH = 1024
 
 
@@ -115,15 +118,28 @@ def requirement_from_string(value: str) -> EntitlementRequirement:
 class ParsedEntitlements:
     valid: tuple[Entitlement, ...]
     malformed: int
+    other: int = 0
 
 
-def parse_all(values: Iterable[str]) -> ParsedEntitlements:
+def is_other_urn(value: str) -> bool:
+    """A well-formed URN that is not a group entitlement (a capability, a GOCDB role): not an error."""
+    return (
+        len(value) <= MAX_ENTITLEMENT_LENGTH
+        and _OTHER_URN.fullmatch(value) is not None
+        and ":group:" not in value.lower()
+    )
+
+
+def parse_all(values: Iterable[object]) -> ParsedEntitlements:
+    """Parse every value; count the ones that are not group entitlements instead of failing."""
     valid: list[Entitlement] = []
-    malformed = 0
+    malformed = other = 0
     for value in values:
         ent = parse(value)
-        if ent is None:
-            malformed += 1
-        else:
+        if ent is not None:
             valid.append(ent)
-    return ParsedEntitlements(tuple(valid), malformed)
+        elif isinstance(value, str) and is_other_urn(value):
+            other += 1
+        else:
+            malformed += 1
+    return ParsedEntitlements(tuple(valid), malformed, other)

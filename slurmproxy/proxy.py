@@ -17,15 +17,14 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from slurmproxy.audit import AuditRecord, AuditWriteError
+from slurmproxy.authorize import authorize
 from slurmproxy.errors import (
-    AuthorizationError,
     BadRequestError,
     DependencyError,
     PayloadTooLargeError,
     ProxyError,
 )
 from slurmproxy.paths import canonical_path, check_query
-from slurmproxy.policy import evaluate
 from slurmproxy.responses import error_response
 from slurmproxy.runtime import Runtime
 from slurmproxy.upstream import UpstreamResponse, client_headers, normalized, send
@@ -148,27 +147,33 @@ class ProxyEndpoint:
         record.issuer, record.subject = principal.issuer, principal.subject
 
         policy = runtime.policy  # a reload swaps the attribute; this request keeps the policy it started with
-        decision = evaluate(policy, principal, method, path)
-        if not decision.allowed or decision.rule is None or decision.operation is None:
-            raise AuthorizationError(decision.detail, reason=decision.reason)
-        record.rule, record.operation, record.entitlement = (
-            decision.rule.id,
-            decision.operation.group,
-            decision.entitlement,
+        limit = runtime.settings.server.max_body_bytes
+        authorized = await authorize(
+            scope,
+            receive,
+            read_body,
+            policy=policy,
+            principal=principal,
+            path=path,
+            limit=limit,
+            stats=runtime.policy_stats,
+            record=record,
         )
+        decision = authorized.decision
+        assert decision.rule is not None and decision.operation is not None
 
         await runtime.apis.check(path)  # 404 for an API version slurmrestd does not serve
         account = await runtime.mapper.map(policy, decision.rule, principal)
         record.local_user, record.mapping = account.name, account.source
         record.mapping_detail = account.detail
 
-        content = await _request_content(scope, receive, runtime.settings.server.max_body_bytes)
+        content = authorized.body if authorized.body is not None else await _request_content(scope, receive, limit)
         rid_header = runtime.settings.server.request_id_header.lower().encode()
         headers = [(k, v) for k, v in client_headers(scope["headers"]) if normalized(k) != rid_header]
         credential = runtime.credentials.headers_for(account.name)
         headers.extend(credential)
         headers.append((rid_header, record.request_id.encode()))
-        length = _header(scope, b"content-length")
+        length = str(len(authorized.body)) if authorized.body is not None else _header(scope, b"content-length")
         if length is not None:
             headers.append((b"content-length", length.encode()))
         upstream = await send(runtime.upstream, method=method, path=path, query=query, headers=headers, content=content)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -13,6 +13,8 @@ from slurmproxy.audit import AuditLog
 from slurmproxy.credentials import SlurmCredentials, credentials_from
 from slurmproxy.identity import IdentityMapper, check_policy_backends, open_identity
 from slurmproxy.policy import Policy, load_policy
+from slurmproxy.policy.reload import PolicyReloader, reloading
+from slurmproxy.policy.stats import PolicyStats
 from slurmproxy.provider import ProviderClient
 from slurmproxy.settings import Settings
 from slurmproxy.tokens import TokenValidator, build_validator
@@ -31,6 +33,8 @@ class Runtime:
     audit: AuditLog
     apis: ApiVersions
     upstream_auth: UpstreamAuthCheck
+    policy_reloader: PolicyReloader | None = None  # swaps `policy` on SIGHUP and file changes
+    policy_stats: PolicyStats = field(default_factory=PolicyStats)
 
     @property
     def api_versions(self) -> tuple[str, ...]:
@@ -65,7 +69,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         tokens = build_validator(settings, provider_http)
         apis.start()  # reads slurmrestd's API versions in the background, then every refresh interval
         async with open_identity(settings.identity) as mapper:
-            yield Runtime(
+            runtime = Runtime(
                 settings=settings,
                 tokens=tokens,
                 policy=policy,
@@ -76,6 +80,14 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 apis=apis,
                 upstream_auth=UpstreamAuthCheck(upstream),
             )
+            runtime.policy_reloader = PolicyReloader(
+                settings.policy.paths,
+                lambda: load_runtime_policy(settings),
+                lambda new: setattr(runtime, "policy", new),
+                policy,
+            )
+            async with reloading(runtime.policy_reloader, settings.policy.reload_interval_seconds):
+                yield runtime
     finally:
         await apis.aclose()
         if tokens is not None:

@@ -45,6 +45,7 @@ DEFAULT_JWKS_MIN_REFETCH_SECONDS = 60.0
 DEFAULT_TOKEN_CACHE_SECONDS = 300
 DEFAULT_TOKEN_CACHE_SIZE = 10_000
 DEFAULT_FAILURE_CACHE_SECONDS = 5.0
+DEFAULT_POLICY_RELOAD_INTERVAL_SECONDS = 2.0
 
 ClaimSource = Literal["token", "userinfo", "introspection"]
 
@@ -410,6 +411,12 @@ class PolicySettings(_Section):
         (Path("policies"),),
         validate_default=True,
         description="Policy files or directories of *.yaml files, read in name order.",
+    )
+    reload_interval_seconds: float = Field(
+        DEFAULT_POLICY_RELOAD_INTERVAL_SECONDS,
+        ge=0,
+        le=3600,
+        description="How often the policy files are checked for changes (0: only on SIGHUP). Defaults to 2.",
     )
 
 

@@ -60,10 +60,20 @@ def test_non_group_entitlements_are_ignored(value: str) -> None:
     assert parse(value) is None
 
 
-def test_parse_all_counts_malformed() -> None:
-    parsed = parse_all(["urn:mace:egi.eu:group:vo#aai.egi.eu", "garbage", "urn:mace:egi.eu:res:x"])
-    assert len(parsed.valid) == 1
-    assert parsed.malformed == 2
+def test_parse_all_counts_malformed_and_other_entitlements_apart() -> None:
+    parsed = parse_all(
+        [
+            "urn:mace:egi.eu:group:vo#aai.egi.eu",
+            "garbage",
+            "urn:mace:egi.eu:group:vo:role=",
+            "urn:mace:egi.eu:res:x#aai.egi.eu",
+            "urn:mace:egi.eu:goc.egi.eu:123:EGI:Site_Administrator@egi.eu",
+            42,
+        ]
+    )
+    assert [str(e) for e in parsed.valid] == ["urn:mace:egi.eu:group:vo#aai.egi.eu"]
+    assert parsed.malformed == 3  # garbage, the broken group entitlement, and a non-string
+    assert parsed.other == 2  # a capability and a GOCDB role: not errors
 
 
 MEMBER = requirement_from_string("urn:mace:egi.eu:group:vo.example.org:role=member#aai.egi.eu")

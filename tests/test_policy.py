@@ -121,6 +121,12 @@ def test_first_rule_that_admits_and_allows_wins(tmp_path: Path) -> None:
     assert [(t.rule_id, t.admits, t.allows_operation) for t in decision.trace] == [
         ("readers", True, False),
         ("submitters", True, True),
+        ("late", True, True),  # explain shows every rule, also those after the deciding one
+    ]
+    assert [t.rule_id for t in evaluate(loaded, who, "DELETE", "/slurm/v0.0.38/job/1", explain=True).trace] == [
+        "readers",
+        "submitters",
+        "late",
     ]
 
 

@@ -13,6 +13,8 @@ from pydantic import ValidationError
 
 from slurmproxy.entitlements import EntitlementRequirement, requirement_from_string
 from slurmproxy.errors import ProxyError
+from slurmproxy.jobs.fields import FORBIDDEN_FIELDS, KNOWN_FIELDS
+from slurmproxy.policy.limits import JobLimits, compile_limits
 from slurmproxy.policy.model import (
     AliseMap,
     EntitlementSpec,
@@ -96,11 +98,14 @@ def _table_references(path: Path, raw: Any) -> set[Path]:
     return refs
 
 
-def _read_table(spec: TableSpec, base: Path, name: str, source: Path, errors: list[str]) -> dict[tuple[str, str], str]:
+def _read_table(
+    spec: TableSpec, base: Path, name: str, source: Path, errors: list[str], inputs: list[Path]
+) -> dict[tuple[str, str], str]:
     table: dict[tuple[str, str], str] = {}
     entries = list(spec.entries)
     if spec.file is not None:
         file = spec.file if spec.file.is_absolute() else base / spec.file
+        inputs.append(file)
         if file.suffix == ".csv":
             try:
                 with file.open(newline="", encoding="utf-8") as handle:
@@ -141,6 +146,14 @@ def _requirement(spec: str | EntitlementSpec) -> EntitlementRequirement:
     )
 
 
+def _compile_job(spec: RuleSpec, where: str, errors: list[str]) -> JobLimits | None:
+    if spec.job is None:
+        return None
+    limits, problems = compile_limits(spec.job, FORBIDDEN_FIELDS, KNOWN_FIELDS)
+    errors.extend(f"{where}.job.{problem}" for problem in problems)
+    return limits
+
+
 def _compile_rule(
     spec: RuleSpec,
     index: int,
@@ -148,6 +161,7 @@ def _compile_rule(
     groups: dict[str, tuple[Operation, ...]],
     tables: dict[str, Any],
     errors: list[str],
+    file_issuers: list[str] | None = None,
 ) -> Rule | None:
     where = f"{source}: rules[{index}] (id={spec.id})"
     requirements: list[EntitlementRequirement] = []
@@ -179,21 +193,24 @@ def _compile_rule(
             errors.append(f"{where}.mapping[{n}]: unknown table {step.table!r}")
         else:
             mapping.append(MappingStep("table", step.table))
+    issuers = spec.issuers if spec.issuers is not None else file_issuers
     return Rule(
         id=spec.id,
         source=str(source),
         description=spec.description,
-        issuers=frozenset(spec.issuers) if spec.issuers is not None else None,
+        issuers=frozenset(issuers) if issuers is not None else None,
         subjects=frozenset(spec.subjects) if spec.subjects is not None else None,
         requirements=tuple(requirements),
         allow=tuple(a if isinstance(a, str) else f"{','.join(a.methods)} {a.path}" for a in spec.allow),
         operations=tuple(operations),
         mapping=tuple(mapping),
+        claims={name: tuple(values) for name, values in (spec.claims or {}).items()},
+        job=_compile_job(spec, where, errors),
     )
 
 
 def _load_shared(
-    parsed: list[tuple[Path, PolicyFile]], errors: list[str]
+    parsed: list[tuple[Path, PolicyFile]], errors: list[str], inputs: list[Path]
 ) -> tuple[dict[str, tuple[Operation, ...]], dict[str, dict[tuple[str, str], str]]]:
     """Operation groups (built-in plus every file's) and mapping tables, shared by all rules."""
     groups = builtin_operations()
@@ -211,26 +228,53 @@ def _load_shared(
             if name in tables:
                 errors.append(f"{file}: tables.{name}: the table is already defined")
                 continue
-            tables[name] = _read_table(table_spec, file.parent, name, file, errors)
+            tables[name] = _read_table(table_spec, file.parent, name, file, errors, inputs)
     return groups, tables
 
 
-def _check_issuers(file: Path, index: int, spec: RuleSpec, trusted: set[str] | None, errors: list[str]) -> None:
-    if trusted is None:
-        return
-    for n, iss in enumerate(spec.issuers or []):
-        if iss not in trusted:
-            errors.append(f"{file}: rules[{index}] (id={spec.id}).issuers[{n}]: {iss!r} is not a configured issuer")
+def _check_issuers(file: Path, pf: PolicyFile, trusted: set[str] | None, errors: list[str]) -> None:
+    """Every issuer a file or rule names must be configured; a rule may only narrow its file's list."""
+    for n, iss in enumerate(pf.issuers or []):
+        if trusted is not None and iss not in trusted:
+            errors.append(f"{file}: issuers[{n}]: {iss!r} is not a configured issuer")
+    for index, spec in enumerate(pf.rules):
+        for n, iss in enumerate(spec.issuers or []):
+            where = f"{file}: rules[{index}] (id={spec.id}).issuers[{n}]"
+            if trusted is not None and iss not in trusted:
+                errors.append(f"{where}: {iss!r} is not a configured issuer")
+            elif pf.issuers is not None and iss not in pf.issuers:
+                errors.append(f"{where}: {iss!r} is not among the file's issuers")
 
 
-def _read_files(files: list[Path], errors: list[str]) -> tuple[list[tuple[Path, PolicyFile]], str]:
-    raws: list[tuple[Path, Any]] = []
+def _warnings(rule: Rule) -> list[str]:
+    """Legal but probably unintended: said by `policy check`, never an error."""
+    where = f"{rule.source}: rule {rule.id}"
+    job_ops = {op.group for op in rule.operations if op.matches("POST", "/slurm/v0.0.42/job/submit")}
+    if not job_ops:
+        return []
+    if rule.job is None:
+        return [f"{where}: allows job submission without a `job:` section (account, partition, QOS unrestricted)"]
+    if rule.job.accounts is None:
+        return [f"{where}: job.accounts is not restricted (without slurmdbd, Slurm accepts any account name)"]
+    return []
+
+
+def _digest(files: Iterable[Path]) -> str:
     digest = hashlib.sha256()
+    for file in files:
+        try:
+            digest.update(file.read_bytes())
+        except OSError:
+            digest.update(b"\0missing\0")
+    return digest.hexdigest()[:16]
+
+
+def _read_files(files: list[Path], errors: list[str]) -> list[tuple[Path, PolicyFile]]:
+    raws: list[tuple[Path, Any]] = []
     for file in files:
         if not file.exists():
             errors.append(f"{file}: no such file")
             continue
-        digest.update(file.read_bytes())
         before = len(errors)
         raw = _read_yaml(file, errors)
         if len(errors) == before:
@@ -245,7 +289,7 @@ def _read_files(files: list[Path], errors: list[str]) -> tuple[list[tuple[Path, 
         policy_file = _validate_file(file, raw, errors)
         if policy_file is not None:
             parsed.append((file, policy_file))
-    return parsed, digest.hexdigest()[:16]
+    return parsed
 
 
 def load_policy(paths: Iterable[Path], *, trusted_issuers: Iterable[str] | None = None) -> Policy:
@@ -254,25 +298,29 @@ def load_policy(paths: Iterable[Path], *, trusted_issuers: Iterable[str] | None 
     files = policy_files(paths)
     if not files:
         raise PolicyError(["no policy files found (policy.paths)"])
-    parsed, digest = _read_files(files, errors)
-    groups, tables = _load_shared(parsed, errors)
+    parsed = _read_files(files, errors)
+    inputs: list[Path] = list(files)
+    groups, tables = _load_shared(parsed, errors, inputs)
     rules: list[Rule] = []
     seen: dict[str, Path] = {}
     trusted = set(trusted_issuers) if trusted_issuers is not None else None
     for file, pf in parsed:
+        _check_issuers(file, pf, trusted, errors)
         for index, spec in enumerate(pf.rules):
             if spec.id in seen:
                 errors.append(f"{file}: rules[{index}] (id={spec.id}): id already used in {seen[spec.id]}")
             seen[spec.id] = file
-            _check_issuers(file, index, spec, trusted, errors)
-            rule = _compile_rule(spec, index, file, groups, tables, errors)
+            rule = _compile_rule(spec, index, file, groups, tables, errors, pf.issuers)
             if rule is not None:
                 rules.append(rule)
     if errors:
         raise PolicyError(errors)
+    unique_inputs = tuple(dict.fromkeys(inputs))
     return Policy(
         rules=tuple(rules),
         tables={k: dict(v) for k, v in tables.items()},
         sources=tuple(str(f) for f in files),
-        digest=digest,
+        digest=_digest(unique_inputs),
+        inputs=tuple(str(f) for f in unique_inputs),
+        warnings=tuple(w for rule in rules for w in _warnings(rule)),
     )

@@ -2,21 +2,26 @@
 
 Evaluation order: rules are considered in order (files in name order, rules in file order).
 A rule *admits* a caller when every condition it states holds: the issuer is one it names (if it
-names any), the subject is one it lists (if it lists any), and the caller holds at least one of
-its entitlements (if it lists any). The first rule that admits the caller **and** allows the
-operation (method + path) decides: its mapping chooses the local account. If no rule does, the
-request is denied. ``evaluate`` is pure: no I/O, no clock, no logging.
+names any, or its file does), the subject is one it lists (if it lists any), every claim condition
+holds (if it has any), and the caller holds at least one of its entitlements (if it lists any).
+The first rule that admits the caller **and** allows the operation (method + path) decides: its
+mapping chooses the local account. If no rule does, the request is denied. For job submissions and
+updates the body takes part too (see :mod:`slurmproxy.jobs.decide`): the first such rule whose job
+constraints the body meets decides. ``evaluate`` is pure: no I/O, no clock, no logging.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from slurmproxy.entitlements import Entitlement, EntitlementRequirement
+from slurmproxy.policy.limits import JobLimits
 from slurmproxy.policy.operations import Operation
 from slurmproxy.tokens import Principal
+
+ClaimValue = str | int | bool
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,13 @@ class Rule:
     allow: tuple[str, ...]
     operations: tuple[Operation, ...]
     mapping: tuple[MappingStep, ...]
+    claims: Mapping[str, tuple[ClaimValue, ...]] = field(default_factory=dict)
+    job: JobLimits | None = None
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The operation groups this rule allows, in order, without repeats."""
+        return tuple(dict.fromkeys(op.group for op in self.operations))
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,8 @@ class Policy:
     tables: Mapping[str, Mapping[tuple[str, str], str]]
     sources: tuple[str, ...] = ()
     digest: str = ""
+    inputs: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,8 @@ class RuleTrace:
     admits: bool
     allows_operation: bool
     why: str
+    entitlement: str | None = None
+    operation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,59 +84,143 @@ class Decision:
     trace: tuple[RuleTrace, ...] = field(default=())
 
 
-def _admits(rule: Rule, principal: Principal) -> tuple[bool, str, Entitlement | None]:
+def _claim_holds(value: Any, accepted: tuple[ClaimValue, ...]) -> bool:
+    held = value if isinstance(value, list) else [value]
+    # bool is an int in Python: compare type and value so that `true` never equals `1`.
+    return any(type(h) is type(a) and h == a for h in held for a in accepted)
+
+
+def _admits(rule: Rule, principal: Principal) -> tuple[str | None, Entitlement | None]:
+    """(None, entitlement) if ``rule`` admits the caller, else (the failed condition, None)."""
     if rule.issuers is not None and principal.issuer not in rule.issuers:
-        return False, "issuer not listed by the rule", None
+        return "issuers", None
     if rule.subjects is not None and principal.subject not in rule.subjects:
-        return False, "subject not listed by the rule", None
-    if not rule.requirements:
-        return True, "subject listed by the rule", None
-    for requirement in rule.requirements:
-        for ent in principal.parsed_entitlements:
-            if requirement.matches(ent):
-                return True, f"holds {ent}", ent
-    return False, "holds none of the rule's entitlements", None
+        return "subjects", None
+    held = None
+    if rule.requirements:
+        held = next(
+            (e for r in rule.requirements for e in principal.parsed_entitlements if r.matches(e)),
+            None,
+        )
+        if held is None:
+            return "entitlements", None
+    for name, accepted in rule.claims.items():
+        if not _claim_holds(principal.claims.get(name), accepted):
+            return f"claims.{name}", None
+    return None, held
 
 
-def _operation(rule: Rule, method: str, path: str) -> Operation | None:
+def _why_not(rule: Rule, principal: Principal, failed: str) -> str:
+    if failed == "issuers":
+        return f"issuer {principal.issuer} is not one the rule admits"
+    if failed == "subjects":
+        return "subject not listed by the rule"
+    if failed.startswith("claims."):
+        name = failed[len("claims.") :]
+        wanted = ", ".join(repr(a) for a in rule.claims[name])
+        return f"claim {name} does not hold any of {wanted}"
+    wanted = "; ".join(str(r) for r in rule.requirements)
+    return f"holds none of the rule's entitlements ({wanted})"
+
+
+def operation_of(rule: Rule, method: str, path: str) -> Operation | None:
     for op in rule.operations:
         if op.matches(method, path):
             return op
     return None
 
 
-def evaluate(policy: Policy, principal: Principal, method: str, path: str, *, explain: bool = False) -> Decision:
-    trace: list[RuleTrace] = []
-    admitted: list[str] = []
+@dataclass(frozen=True)
+class Candidate:
+    """A rule that admits the caller and allows the operation."""
+
+    rule: Rule
+    operation: Operation
+    entitlement: Entitlement | None
+
+
+def walk(policy: Policy, principal: Principal, method: str, path: str) -> Iterator[tuple[RuleTrace, Candidate | None]]:
+    """Every rule in evaluation order, with its trace line and, if it admits and allows, the candidate."""
     for rule in policy.rules:
-        admits, why, ent = _admits(rule, principal)
-        op = _operation(rule, method, path) if admits else None
-        if explain:
-            op_why = why if not admits else (f"allows {op.group}" if op else f"does not allow {method} {path}")
-            trace.append(RuleTrace(rule.id, admits, op is not None, op_why))
-        if admits:
-            admitted.append(rule.id)
-        if op is not None:
-            return Decision(
-                allowed=True,
-                reason="allowed",
-                detail=f"rule {rule.id} allows {op.group}",
-                rule=rule,
-                operation=op,
-                entitlement=str(ent) if ent else None,
-                trace=tuple(trace),
-            )
+        failed, ent = _admits(rule, principal)
+        if failed is not None:
+            yield RuleTrace(rule.id, False, False, _why_not(rule, principal, failed)), None
+            continue
+        op = operation_of(rule, method, path)
+        why = f"holds {ent}" if ent is not None else "subject listed by the rule"
+        why += f"; allows {op.group}" if op else f"; does not allow {method} {path}"
+        line = RuleTrace(rule.id, True, op is not None, why, str(ent) if ent else None, op.group if op else None)
+        yield line, Candidate(rule, op, ent) if op is not None else None
+
+
+def admitting(policy: Policy, principal: Principal) -> Iterator[tuple[Rule, Entitlement | None]]:
+    """The rules that admit the caller (whatever the operation), with the entitlement that did it."""
+    for rule in policy.rules:
+        failed, ent = _admits(rule, principal)
+        if failed is None:
+            yield rule, ent
+
+
+def candidates(policy: Policy, principal: Principal, method: str, path: str) -> Iterator[Candidate]:
+    """The rules that admit the caller and allow the operation, in evaluation order (no trace)."""
+    for rule in policy.rules:
+        failed, ent = _admits(rule, principal)
+        if failed is None:
+            op = operation_of(rule, method, path)
+            if op is not None:
+                yield Candidate(rule, op, ent)
+
+
+def allowed(candidate: Candidate, trace: tuple[RuleTrace, ...] = ()) -> Decision:
+    return Decision(
+        allowed=True,
+        reason="allowed",
+        detail=f"rule {candidate.rule.id} allows {candidate.operation.group}",
+        rule=candidate.rule,
+        operation=candidate.operation,
+        entitlement=str(candidate.entitlement) if candidate.entitlement else None,
+        trace=trace,
+    )
+
+
+def denied(method: str, path: str, admitted: list[str], trace: tuple[RuleTrace, ...] = ()) -> Decision:
     if admitted:
         return Decision(
             allowed=False,
             reason="operation_not_allowed",
             detail=f"no rule allows {method} {path}; rules that admit you ({', '.join(admitted)}) do not allow it",
-            trace=tuple(trace),
+            trace=trace,
         )
     return Decision(
         allowed=False,
         reason="no_rule_matches",
         detail=f"no rule allows {method} {path}: no rule admits this identity "
         "(check the entitlements your token or provider releases)",
-        trace=tuple(trace),
+        trace=trace,
     )
+
+
+def evaluate(policy: Policy, principal: Principal, method: str, path: str, *, explain: bool = False) -> Decision:
+    """The first rule that admits the caller and allows the operation, or a denial saying why.
+
+    With ``explain``, the decision carries a trace line for every rule, also those after the
+    deciding one; without, nothing but the decision is computed.
+    """
+    if explain:
+        trace: list[RuleTrace] = []
+        decided: Candidate | None = None
+        for line, candidate in walk(policy, principal, method, path):
+            trace.append(line)
+            decided = decided or candidate
+        if decided is not None:
+            return allowed(decided, tuple(trace))
+        return denied(method, path, [t.rule_id for t in trace if t.admits], tuple(trace))
+    admitted: list[str] = []
+    for rule in policy.rules:
+        failed, ent = _admits(rule, principal)
+        if failed is None:
+            op = operation_of(rule, method, path)
+            if op is not None:
+                return allowed(Candidate(rule, op, ent))
+            admitted.append(rule.id)
+    return denied(method, path, admitted)

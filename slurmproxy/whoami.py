@@ -1,0 +1,101 @@
+"""``GET /_slurmproxy/whoami``: who the proxy thinks the caller is, and what the policy lets them do.
+
+The caller authenticates as for any request. The answer lists their identity (issuer, subject),
+the entitlements the policy considered (parsed group entitlements; others are counted, not
+shown), and every rule that admits them: the operations it allows, the local account its mapping
+gives them (or why it gives none) and its job constraints. Rules that do not admit the caller are
+not shown. Like every request, it gets an audit record; nothing is forwarded to slurmrestd.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from slurmproxy.audit import AuditRecord, AuditWriteError
+from slurmproxy.entitlements import parse_all
+from slurmproxy.errors import DependencyError, ProxyError
+from slurmproxy.policy.rules import Policy, Rule, admitting
+from slurmproxy.proxy import _header, _headers, request_id_of
+from slurmproxy.responses import error_response, json_response
+from slurmproxy.runtime import Runtime
+from slurmproxy.tokens import Principal
+
+
+def policy_details(runtime: Runtime) -> dict[str, Any]:
+    """The ``policy`` part of readiness: the policy in force and the outcome of the last reload."""
+    if runtime.policy_reloader is None:
+        return {"rules": len(runtime.policy.rules), "digest": runtime.policy.digest}
+    details = runtime.policy_reloader.status.as_dict()
+    details["rules"], details["digest"] = len(runtime.policy.rules), runtime.policy.digest
+    return details
+
+
+async def _account(runtime: Runtime, policy: Policy, rule: Rule, principal: Principal) -> dict[str, Any]:
+    try:
+        account = await runtime.mapper.map(policy, rule, principal)
+    except ProxyError as exc:
+        return {"refused": exc.reason, "detail": exc.detail}
+    return {"account": account.name, "via": account.source}
+
+
+async def describe(runtime: Runtime, principal: Principal) -> dict[str, Any]:
+    policy = runtime.policy
+    parsed = parse_all(principal.entitlements)
+    rules: list[dict[str, Any]] = []
+    for rule, entitlement in admitting(policy, principal):
+        entry: dict[str, Any] = {"id": rule.id, "allows": list(rule.groups)}
+        if entitlement is not None:
+            entry["entitlement"] = str(entitlement)
+        if rule.description:
+            entry["description"] = rule.description
+        entry["mapping"] = await _account(runtime, policy, rule, principal)
+        if rule.job is not None:
+            entry["job"] = rule.job.describe()
+        rules.append(entry)
+    first = next((r["mapping"] for r in rules if "account" in r["mapping"]), None)
+    return {
+        "issuer": principal.issuer,
+        "subject": principal.subject,
+        "entitlements": {
+            "considered": [str(e) for e in parsed.valid],
+            "other_ignored": parsed.other,
+            "malformed_ignored": parsed.malformed,
+        },
+        "account": first["account"] if first else None,
+        "operations": sorted({g for r in rules for g in r["allows"]}),
+        "rules": rules,
+        "policy": {"digest": policy.digest},
+    }
+
+
+class WhoamiEndpoint:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime: Runtime = scope["state"]["runtime"]
+        request_id = request_id_of(scope, runtime.settings.server.request_id_header.lower().encode())
+        record = AuditRecord(
+            request_id=request_id,
+            method=scope["method"],
+            path=scope["path"],
+            client=scope["client"][0] if scope.get("client") else None,
+            user_agent=(_header(scope, b"user-agent") or "")[:256] or None,
+            operation="whoami",
+        )
+        try:
+            principal = await runtime.tokens.authenticate(_headers(scope, b"authorization"))
+            record.issuer, record.subject = principal.issuer, principal.subject
+            body = await describe(runtime, principal)
+            record.local_user = body["account"]
+            record.decision, record.reason, record.status, record.detail = "allow", "allowed", 200, None
+            response = json_response(body, headers={"x-request-id": request_id, "cache-control": "no-store"})
+        except ProxyError as error:
+            record.status, record.reason, record.detail = error.status_code, error.reason, error.detail
+            record.decision = "deny" if error.status_code < 500 else "error"
+            response = error_response(error, request_id)
+        try:
+            runtime.audit.emit(record)
+        except AuditWriteError:
+            refusal = DependencyError("the audit log cannot be written; refusing to answer", reason="audit_unavailable")
+            response = error_response(refusal, request_id)
+        await response(scope, receive, send)
