@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
 from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey, RSAKey
 
+from slurmproxy.entitlements import parse_all
 from slurmproxy.settings import Settings, load_settings
+from slurmproxy.tokens import Principal
 
 ISSUER = "https://idp.example.org/realms/test"
 OTHER_ISSUER = "https://other.example.org"
@@ -102,3 +105,19 @@ def make_settings(tmp_path: Path, policy: dict[str, Any] | None = None, **sectio
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(data))
     return load_settings(config)
+
+
+def principal(
+    *entitlements: str, issuer: str = ISSUER, subject: str = "alice@example.org", claims: dict[str, Any] | None = None
+) -> Principal:
+    parsed = parse_all(entitlements)
+    return Principal(
+        issuer=issuer,
+        subject=subject,
+        claims=MappingProxyType(claims or {}),
+        entitlements=tuple(entitlements),
+        expires_at=0.0,
+        token_id="t",
+        parsed_entitlements=parsed.valid,
+        malformed_entitlements=parsed.malformed,
+    )

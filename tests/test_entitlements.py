@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -131,3 +133,111 @@ def test_a_group_never_matches_a_different_group_name(suffix: str) -> None:
     held = parse(f"urn:mace:egi.eu:group:vo.example.org{suffix}:role=member#aai.egi.eu")
     if held is not None and held.group != "vo.example.org":
         assert not MEMBER.matches(held)
+
+
+# --- differential test against the reference implementation (PyPI aarc-entitlement) --------------
+
+_LOWER = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789.-_", min_size=1, max_size=12)
+_PART = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCXYZ0123456789.-_", min_size=1, max_size=12)
+_SUBGROUP = _PART.filter(lambda s: not s.startswith("role=") and s != "group")
+
+
+@st.composite
+def entitlement_strings(draw: st.DrawFn) -> tuple[str, dict[str, object]]:
+    """A valid AARC-G002 group entitlement and its parts (some characters percent-encoded)."""
+    nid = draw(_LOWER.filter(lambda s: s != "group"))  # namespaces compare case-insensitively here,
+    nss = draw(st.lists(_LOWER.filter(lambda s: s != "group"), min_size=1, max_size=3))  # not in G002
+    parts: dict[str, object] = {
+        "namespace": f"urn:{nid}:" + ":".join(nss),
+        "group": draw(_PART.filter(lambda s: s != "group")),
+        "subgroups": tuple(draw(st.lists(_SUBGROUP, max_size=3))),
+        "role": draw(st.none() | _PART),
+        "authority": draw(st.none() | _PART),
+    }
+    text = f"{parts['namespace']}:group:{parts['group']}"
+    text += "".join(f":{s}" for s in parts["subgroups"])  # type: ignore[attr-defined]
+    text += f":role={parts['role']}" if parts["role"] is not None else ""
+    text += f"#{parts['authority']}" if parts["authority"] is not None else ""
+    if draw(st.booleans()):
+        text = text.replace(".", "%2E")  # G002 percent-decodes before parsing
+    return text, parts
+
+
+@given(entitlement_strings())
+def test_parse_agrees_with_aarc_entitlement_g002(case: tuple[str, dict[str, object]]) -> None:
+    import aarc_entitlement
+
+    text, parts = case
+    ours = parse(text)
+    theirs = aarc_entitlement.G002(text)
+    assert ours is not None
+    namespace = f"urn:{theirs.namespace_id}:{theirs.delegated_namespace}" + "".join(
+        f":{s}" for s in theirs.subnamespaces
+    )
+    assert ours.namespace == namespace.lower() == str(parts["namespace"]).lower()
+    assert ours.group == theirs.group == parts["group"]
+    assert ours.subgroups == tuple(theirs.subgroups) == parts["subgroups"]
+    assert ours.role == theirs.role == parts["role"]
+    assert ours.authority == (theirs.group_authority.lower() if theirs.group_authority else None)
+
+
+@given(entitlement_strings(), entitlement_strings(), st.booleans())
+def test_matching_agrees_with_aarc_entitlement_where_the_rules_coincide(
+    held_case: tuple[str, dict[str, object]], required_case: tuple[str, dict[str, object]], same: bool
+) -> None:
+    """G002's `satisfies` and ours agree for requirements with a role and no authority.
+
+    (Without a role G002 also accepts deeper subgroups, and it ignores the authority; ours is exact
+    on subgroups and checks the authority when a rule names one. Those differences are deliberate.)
+    """
+    import aarc_entitlement
+
+    held_text = held_case[0]
+    required_text = held_text if same else required_case[0]
+    required_text = required_text.split("#", 1)[0]
+    if ":role=" not in required_text:
+        required_text += ":role=member"
+    held, required = parse(held_text), requirement_from_string(required_text)
+    assert held is not None
+    theirs = aarc_entitlement.G002(held_text).satisfies(aarc_entitlement.G002(required_text))
+    assert required.matches(held) is theirs
+
+
+# --- properties: parsing never raises, matching is exact -------------------------------------------
+
+
+@given(st.binary(max_size=200).map(lambda b: b.decode("latin-1")))
+def test_parse_never_raises_on_arbitrary_bytes(value: str) -> None:
+    assert parse(value) is None or isinstance(parse(value), Entitlement)
+    parse_all([value, value.encode().hex(), None, 1])
+
+
+@given(entitlement_strings(), st.sampled_from(["namespace", "group", "subgroups", "role", "authority"]), _PART)
+def test_changing_any_part_breaks_the_match(case: tuple[str, dict[str, object]], part: str, other: str) -> None:
+    parsed = parse(case[0])
+    assert parsed is not None
+    # A requirement that pins every part (a role and an authority included) matches only those parts.
+    ent = dataclasses.replace(parsed, role=parsed.role or "member", authority=parsed.authority or "aai.egi.eu")
+    exact = EntitlementRequirement(ent.namespace, ent.group, ent.subgroups, ent.role, ent.authority)
+    assert exact.matches(ent)
+    changed: dict[str, Entitlement] = {
+        "namespace": dataclasses.replace(ent, namespace=ent.namespace + ":" + other),
+        "group": dataclasses.replace(ent, group=ent.group + other),
+        "subgroups": dataclasses.replace(ent, subgroups=(*ent.subgroups, other)),
+        "role": dataclasses.replace(ent, role=f"{ent.role}{other}"),
+        "authority": dataclasses.replace(ent, authority=f"{ent.authority}{other}"),
+    }
+    assert not exact.matches(changed[part])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("urn:mace:egi.eu" + ":a" * 500 + ":group:vo", id="many-namespace-parts"),
+        pytest.param("urn:mace:egi.eu:group:vo" + ":x" * 500 + ":role=", id="many-subgroups-bad-role"),
+        pytest.param("urn:" + "a:" * 510, id="no-group-marker"),
+        pytest.param("urn:mace:egi.eu:group:" + "%41" * 340, id="percent-encoded"),
+    ],
+)
+def test_adversarial_strings_are_handled(value: str) -> None:
+    assert parse(value) is None or isinstance(parse(value), Entitlement)

@@ -1,30 +1,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import pytest
 
-from slurmproxy.entitlements import parse_all
 from slurmproxy.policy import PolicyError, evaluate, load_policy
+from slurmproxy.policy.limits import slurm_minutes
 from slurmproxy.policy.operations import compile_path
-from slurmproxy.tokens import Principal
-from tests.helpers import ISSUER, OTHER_ISSUER, OTHER_VO, VO_MEMBER, basic_policy, write_policy
-
-
-def principal(*entitlements: str, issuer: str = ISSUER, subject: str = "alice@example.org") -> Principal:
-    parsed = parse_all(entitlements)
-    return Principal(
-        issuer=issuer,
-        subject=subject,
-        claims=MappingProxyType({}),
-        entitlements=tuple(entitlements),
-        expires_at=0.0,
-        token_id="t",
-        parsed_entitlements=parsed.valid,
-        malformed_entitlements=parsed.malformed,
-    )
+from tests.helpers import (
+    ISSUER,
+    OTHER_ISSUER,
+    OTHER_VO,
+    VO_MEMBER,
+    basic_policy,
+    principal as principal,  # re-exported: other test modules import it from here
+    write_policy,
+)
 
 
 def load(tmp_path: Path, policy: dict[str, Any]) -> Any:
@@ -186,7 +178,7 @@ def _errors(tmp_path: Path, policy: dict[str, Any] | str) -> list[str]:
     else:
         write_policy(tmp_path, policy)
     with pytest.raises(PolicyError) as err:
-        load_policy([tmp_path], trusted_issuers=[ISSUER])
+        load_policy([tmp_path], trusted_issuers=[ISSUER, OTHER_ISSUER])
     return err.value.errors
 
 
@@ -249,3 +241,201 @@ def test_alise_and_pool_mapping_steps(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as err:
         load(tmp_path / "bad", basic_policy(mapping=[{"pool": "vo", "alise": "egi"}]))
     assert "mapping[0]" in err.value.errors[0]
+
+
+# --- claims, file issuers, job sections, warnings, inputs ------------------------------------------
+
+ASSURANCE = "https://refeds.org/assurance/IAP/medium"
+SUBMIT = "/slurm/v0.0.42/job/submit"
+
+
+def rule(id: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "id": id,
+        "entitlements": [VO_MEMBER],
+        "allow": ["submit"],
+        "mapping": [{"service_account": "svc"}],
+        **fields,
+    }
+
+
+@pytest.mark.parametrize(
+    ("claims", "allowed"),
+    [
+        pytest.param({"eduperson_assurance": [ASSURANCE, "other"]}, True, id="list-contains"),
+        pytest.param({"eduperson_assurance": ASSURANCE}, True, id="string-equals"),
+        pytest.param({"eduperson_assurance": ["https://refeds.org/assurance/IAP/low"]}, False, id="other-value"),
+        pytest.param({"eduperson_assurance": ASSURANCE + "x"}, False, id="suffix"),
+        pytest.param({}, False, id="missing"),
+        pytest.param({"eduperson_assurance": [ASSURANCE], "acr": 1}, False, id="second-claim-wrong-type"),
+        pytest.param({"eduperson_assurance": [ASSURANCE], "acr": True}, True, id="second-claim-bool"),
+    ],
+)
+def test_claim_conditions(tmp_path: Path, claims: dict[str, Any], allowed: bool) -> None:
+    policy = {
+        "rules": [
+            rule("assured", claims={"eduperson_assurance": [ASSURANCE], **({"acr": [True]} if "acr" in claims else {})})
+        ]
+    }
+    decision = evaluate(load(tmp_path, policy), principal(VO_MEMBER, claims=claims), "POST", SUBMIT, explain=True)
+    assert decision.allowed is allowed
+    if not allowed:
+        assert "claim" in decision.trace[0].why
+
+
+def test_file_issuers_restrict_every_rule_of_the_file(tmp_path: Path) -> None:
+    write_policy(tmp_path, {"issuers": [OTHER_ISSUER], "rules": [rule("other-only")]}, "a.yaml")
+    write_policy(tmp_path, {"rules": [rule("anyone", allow=["read-only"])]}, "b.yaml")
+    loaded = load_policy([tmp_path], trusted_issuers=[ISSUER, OTHER_ISSUER])
+    assert evaluate(loaded, principal(VO_MEMBER, issuer=OTHER_ISSUER), "POST", SUBMIT).allowed
+    denied = evaluate(loaded, principal(VO_MEMBER, issuer=ISSUER), "POST", SUBMIT, explain=True)
+    assert not denied.allowed and f"issuer {ISSUER} is not one the rule admits" in denied.trace[0].why
+
+
+@pytest.mark.parametrize(
+    ("policy", "fragment"),
+    [
+        pytest.param(
+            {"issuers": ["https://x.org"], "rules": []}, "issuers[0]: 'https://x.org' is not a configured", id="file"
+        ),
+        pytest.param(
+            {"issuers": [ISSUER], "rules": [rule("r", issuers=[OTHER_ISSUER])]},
+            "rules[0] (id=r).issuers[0]: 'https://other.example.org' is not among the file's issuers",
+            id="rule-widens-file",
+        ),
+        pytest.param(
+            {"rules": [rule("r", claims={"acr": []})]}, "claim 'acr' lists no accepted value", id="empty-claim"
+        ),
+        pytest.param({"rules": [rule("r", claims={"a b": ["x"]})]}, "not a claim name", id="bad-claim-name"),
+        pytest.param({"rules": [rule("r", job={"accounts": []})]}, "would refuse every job", id="empty-accounts"),
+        pytest.param({"rules": [rule("r", job={"partitions": ["a,b"]})]}, "not a Slurm account, partition", id="comma"),
+        pytest.param({"rules": [rule("r", job={"qos": ["a", "a"]})]}, "listed twice", id="twice"),
+        pytest.param(
+            {"rules": [rule("r", job={"accounts": ["a"], "default_account": "b"})]},
+            "default_account 'b' is not one of the allowed values",
+            id="default-not-allowed",
+        ),
+        pytest.param({"rules": [rule("r", job={"max_time": "2 days"})]}, "job.max_time: not a Slurm time", id="time"),
+        pytest.param({"rules": [rule("r", job={"max_time": 0})]}, "between 1 minute", id="zero-time"),
+        pytest.param(
+            {"rules": [rule("r", job={"max_time": 60, "default_time": 61})]}, "longer than max_time", id="default-time"
+        ),
+        pytest.param({"rules": [rule("r", job={"max_nodes": 0})]}, "max_nodes: Input should be greater", id="nodes"),
+        pytest.param(
+            {"rules": [rule("r", job={"extra_fields": ["user_id"]})]}, "can never be allowed", id="extra-user-id"
+        ),
+        pytest.param({"rules": [rule("r", job={"extra_fields": ["account"]})]}, "already allowed", id="extra-known"),
+        pytest.param({"rules": [rule("r", job={"extra_fields": ["Bad-Name"]})]}, "not a job field", id="extra-bad"),
+        pytest.param({"rules": [rule("r", job={"acounts": ["a"]})]}, "job.acounts: Extra inputs", id="typo"),
+    ],
+)
+def test_new_sections_report_file_rule_and_field(tmp_path: Path, policy: dict[str, Any], fragment: str) -> None:
+    errors = _errors(tmp_path, policy)
+    assert any(fragment in e and "policy.yaml" in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("value", "minutes"),
+    [
+        pytest.param(90, 90, id="int"),
+        pytest.param("90", 90, id="minutes"),
+        pytest.param("90:30", 91, id="minutes-seconds-rounded-up"),
+        pytest.param("1:30:00", 90, id="hours"),
+        pytest.param("2-0", 2880, id="days-hours"),
+        pytest.param("1-12:30", 2190, id="days-hours-minutes"),
+        pytest.param("1-00:00:01", 1441, id="days-hms"),
+    ],
+)
+def test_slurm_time_strings(value: int | str, minutes: int) -> None:
+    assert slurm_minutes(value) == minutes
+
+
+@pytest.mark.parametrize("value", ["", "1:2:3:4", "-5", "1.5", "abc", 0, True, 10**7])
+def test_bad_slurm_time_strings(value: Any) -> None:
+    with pytest.raises(ValueError):
+        slurm_minutes(value)
+
+
+def test_job_section_compiles_with_defaults(tmp_path: Path) -> None:
+    job = {"accounts": ["b", "a"], "partitions": ["p"], "default_partition": "p", "max_time": "1:00:00"}
+    loaded = load(tmp_path, {"rules": [rule("r", job=job)]})
+    limits = loaded.rules[0].job
+    assert limits is not None
+    assert (limits.default_account, limits.default_partition, limits.default_qos) == ("b", "p", None)
+    assert limits.accounts == frozenset({"a", "b"}) and limits.qos is None
+    assert (limits.max_minutes, limits.default_minutes) == (60, 60)
+
+
+def test_warnings_for_unrestricted_submission(tmp_path: Path) -> None:
+    policy = {
+        "rules": [
+            rule("no-job"),
+            rule("no-accounts", job={"partitions": ["p"]}),
+            rule("fine", job={"accounts": ["a"]}),
+            rule("reader", allow=["read-only"]),
+        ]
+    }
+    warnings = load(tmp_path, policy).warnings
+    assert len(warnings) == 2
+    assert "rule no-job: allows job submission without a `job:` section" in warnings[0]
+    assert "rule no-accounts: job.accounts is not restricted" in warnings[1]
+
+
+def test_inputs_and_digest_cover_mapping_tables(tmp_path: Path) -> None:
+    table = tmp_path / "users.yaml"
+    table.write_text(f"entries:\n  - {{issuer: '{ISSUER}', subject: a, user: alice}}\n")
+    policy = basic_policy()
+    policy["tables"] = {"users": {"file": "users.yaml"}}
+    first = load(tmp_path, policy)
+    assert str(table) in first.inputs and str(tmp_path / "policy.yaml") in first.inputs
+    table.write_text(f"entries:\n  - {{issuer: '{ISSUER}', subject: a, user: bob}}\n")
+    assert load(tmp_path, policy).digest != first.digest
+
+
+def test_sections_with_only_comments_are_empty(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("rules:\n  # nothing yet\noperations:\ntables:\n")
+    write_policy(tmp_path, basic_policy(), "b.yaml")
+    assert [r.id for r in load_policy([tmp_path]).rules] == ["members"]
+
+
+@pytest.mark.parametrize(
+    ("entitlements", "claims", "method", "path", "decider", "reason"),
+    [
+        pytest.param([VO_MEMBER], {}, "POST", SUBMIT, "vo-a", "allowed", id="vo-a-submits"),
+        pytest.param([OTHER_VO], {}, "POST", SUBMIT, "vo-b", "allowed", id="vo-b-submits"),
+        pytest.param([OTHER_VO], {}, "GET", "/slurmdb/v0.0.42/jobs", None, "operation_not_allowed", id="b-no-db"),
+        pytest.param([VO_MEMBER, OTHER_VO], {}, "POST", SUBMIT, "vo-a", "allowed", id="both-first-wins"),
+        pytest.param([VO_MEMBER], {}, "GET", "/slurmdb/v0.0.42/jobs", "vo-a-managers", "allowed", id="falls-through"),
+        pytest.param(
+            [VO_MEMBER.replace(":role=member", ":role=manager")],
+            {},
+            "GET",
+            "/slurm/v0.0.42/jobs",
+            None,
+            "no_rule_matches",
+            id="manager-role-only-not-member",
+        ),
+        pytest.param([VO_MEMBER], {"sub": "x"}, "DELETE", "/slurm/v0.0.42/job/5", "vo-a", "allowed", id="cancel"),
+        pytest.param([VO_MEMBER], {}, "DELETE", "/slurm/v0.0.42/jobs", None, "operation_not_allowed", id="bulk-cancel"),
+        pytest.param([VO_MEMBER], {}, "PUT", SUBMIT, None, "operation_not_allowed", id="wrong-method"),
+        pytest.param([], {}, "GET", "/slurm/v0.0.42/ping", None, "no_rule_matches", id="nobody"),
+    ],
+)
+def test_multi_vo_evaluation_table(
+    tmp_path: Path,
+    entitlements: list[str],
+    claims: dict[str, Any],
+    method: str,
+    path: str,
+    decider: str | None,
+    reason: str,
+) -> None:
+    policy = {
+        "rules": [
+            rule("vo-a", allow=["ping", "read-only", "submit", "cancel-own"], job={"accounts": ["a"]}),
+            rule("vo-a-managers", allow=["read-accounting"]),
+            rule("vo-b", entitlements=[OTHER_VO], allow=["submit"], job={"accounts": ["b"]}),
+        ]
+    }
+    decision = evaluate(load(tmp_path, policy), principal(*entitlements, claims=claims), method, path)
+    assert (decision.rule.id if decision.rule else None, decision.reason) == (decider, reason)

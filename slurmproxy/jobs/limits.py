@@ -11,7 +11,8 @@ body of an update):
    time limit gets ``default_time`` (or ``max_time``); an infinite limit is refused when
    ``max_time`` is set;
 4. the most nodes the job may get must not exceed ``max_nodes``; a submission that sets no upper
-   bound gets ``max_nodes`` as its maximum;
+   bound gets one (``max_nodes``, less what its other components of a heterogeneous job take),
+   so that Slurm cannot spread it over more nodes;
 5. the CPUs it asks for (tasks × cpus_per_task, or more where ``minimum_cpus``,
    ``tasks_per_node`` or ``minimum_cpus_per_node`` say so) must not exceed ``max_cpus``.
 
@@ -122,16 +123,28 @@ def _fields(limits: JobLimits, job: JobBody, where: str, component: dict[str, An
             raise JobPolicyError(name, f"{name} is not a job field this proxy allows")
 
 
-def _nodes(limits: JobLimits, job: JobBody, where: str, component: dict[str, Any], fill: bool) -> int:
-    """The most nodes this job description may get (filling in the rule's maximum if it sets none)."""
-    most, fewest = _node_bounds(component)
-    if most is None and fill and limits.max_nodes is not None and fewest <= limits.max_nodes:
-        most = limits.max_nodes
-        if job.dialect == "legacy":
-            component["nodes"] = [fewest, most]
-        else:
-            component["maximum_nodes"] = most
-    return max(most or 1, fewest)
+def _fill_nodes(job: JobBody, component: dict[str, Any], fewest: int, most: int) -> None:
+    if job.dialect == "legacy":
+        component["nodes"] = [fewest, most]
+    else:
+        component["maximum_nodes"] = most
+
+
+def _node_counts(
+    limits: JobLimits, job: JobBody, components: list[tuple[str, dict[str, Any]]], fill: bool
+) -> list[int]:
+    """The most nodes each job description may get. When the rule has ``max_nodes`` and a description
+    sets no upper bound, one is filled in: the nodes the others leave over go to the first such one."""
+    bounds = [_node_bounds(component) for _, component in components]
+    counts = [most if most is not None else fewest for most, fewest in bounds]
+    if fill and limits.max_nodes is not None:
+        spare = limits.max_nodes - sum(counts)
+        for (_, component), (most, fewest), n in zip(components, bounds, range(len(counts)), strict=True):
+            if most is None and spare >= 0:
+                counts[n] = fewest + spare
+                _fill_nodes(job, component, fewest, counts[n])
+                spare = 0
+    return counts
 
 
 def apply_limits(job: JobBody, limits: JobLimits | None) -> dict[str, Any]:
@@ -139,13 +152,14 @@ def apply_limits(job: JobBody, limits: JobLimits | None) -> dict[str, Any]:
     limits = limits or NO_LIMITS
     document = copy.deepcopy(job.document)
     fill = job.kind != "update"
-    total_nodes = total_cpus = 0
-    for where, component in locate(job.kind, document):
+    components = locate(job.kind, document)
+    for where, component in components:
         _fields(limits, job, where, component)
         for key in ("account", "partition", "qos"):
             _choice(limits, where, component, key, fill)
         _time(limits, job, where, component, fill)
-        nodes = _nodes(limits, job, where, component, fill)
+    total_nodes = total_cpus = 0
+    for (where, component), nodes in zip(components, _node_counts(limits, job, components, fill), strict=True):
         total_nodes += nodes
         total_cpus += _cpus(component, nodes)
         if limits.max_nodes is not None and total_nodes > limits.max_nodes:
