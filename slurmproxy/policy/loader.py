@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,7 @@ from pydantic import ValidationError
 
 from slurmproxy.entitlements import EntitlementRequirement, requirement_from_string
 from slurmproxy.errors import ProxyError
-from slurmproxy.jobs.fields import FORBIDDEN_FIELDS, KNOWN_FIELDS
-from slurmproxy.policy.limits import JobLimits, compile_limits
+from slurmproxy.policy.checks import check_issuers, compile_job, digest_of, warnings_for
 from slurmproxy.policy.model import (
     AliseMap,
     EntitlementSpec,
@@ -77,13 +75,30 @@ def _read_yaml(path: Path, errors: list[str]) -> Any:
     return None
 
 
-def _validate_file(path: Path, raw: Any, errors: list[str]) -> PolicyFile | None:
+Indexed = tuple[PolicyFile, list[int]]  # a file and, for each of its rules, the rule's index in the file
+
+
+def _validate_file(path: Path, raw: Any, errors: list[str]) -> Indexed | None:
+    """The validated file. If only some rules are invalid, the others are kept too, so that their
+    errors (unknown groups, tables...) are reported in the same run; the load fails either way."""
     try:
-        return PolicyFile.model_validate(raw if raw is not None else {})
+        document = PolicyFile.model_validate(raw if raw is not None else {})
+        return document, list(range(len(document.rules)))
     except ValidationError as exc:
-        for err in exc.errors():
+        problems = exc.errors()
+        for err in problems:
             errors.append(f"{path}: {_where(raw, err['loc'])}: {err['msg']}")
+    bad_rules = {err["loc"][1] for err in problems if len(err["loc"]) > 1 and err["loc"][0] == "rules"}
+    if not isinstance(raw, dict) or not isinstance(raw.get("rules"), list):
         return None
+    if any(err["loc"][:1] != ("rules",) or len(err["loc"]) < 2 for err in problems):
+        return None
+    kept = [n for n in range(len(raw["rules"])) if n not in bad_rules]
+    try:
+        salvaged = PolicyFile.model_validate({**raw, "rules": [raw["rules"][n] for n in kept]})
+    except ValidationError:  # a rule that is only invalid next to another (none today): report what we have
+        return None
+    return salvaged, kept
 
 
 def _table_references(path: Path, raw: Any) -> set[Path]:
@@ -146,14 +161,6 @@ def _requirement(spec: str | EntitlementSpec) -> EntitlementRequirement:
     )
 
 
-def _compile_job(spec: RuleSpec, where: str, errors: list[str]) -> JobLimits | None:
-    if spec.job is None:
-        return None
-    limits, problems = compile_limits(spec.job, FORBIDDEN_FIELDS, KNOWN_FIELDS)
-    errors.extend(f"{where}.job.{problem}" for problem in problems)
-    return limits
-
-
 def _compile_rule(
     spec: RuleSpec,
     index: int,
@@ -205,7 +212,7 @@ def _compile_rule(
         operations=tuple(operations),
         mapping=tuple(mapping),
         claims={name: tuple(values) for name, values in (spec.claims or {}).items()},
-        job=_compile_job(spec, where, errors),
+        job=compile_job(spec, where, errors),
     )
 
 
@@ -232,44 +239,7 @@ def _load_shared(
     return groups, tables
 
 
-def _check_issuers(file: Path, pf: PolicyFile, trusted: set[str] | None, errors: list[str]) -> None:
-    """Every issuer a file or rule names must be configured; a rule may only narrow its file's list."""
-    for n, iss in enumerate(pf.issuers or []):
-        if trusted is not None and iss not in trusted:
-            errors.append(f"{file}: issuers[{n}]: {iss!r} is not a configured issuer")
-    for index, spec in enumerate(pf.rules):
-        for n, iss in enumerate(spec.issuers or []):
-            where = f"{file}: rules[{index}] (id={spec.id}).issuers[{n}]"
-            if trusted is not None and iss not in trusted:
-                errors.append(f"{where}: {iss!r} is not a configured issuer")
-            elif pf.issuers is not None and iss not in pf.issuers:
-                errors.append(f"{where}: {iss!r} is not among the file's issuers")
-
-
-def _warnings(rule: Rule) -> list[str]:
-    """Legal but probably unintended: said by `policy check`, never an error."""
-    where = f"{rule.source}: rule {rule.id}"
-    job_ops = {op.group for op in rule.operations if op.matches("POST", "/slurm/v0.0.42/job/submit")}
-    if not job_ops:
-        return []
-    if rule.job is None:
-        return [f"{where}: allows job submission without a `job:` section (account, partition, QOS unrestricted)"]
-    if rule.job.accounts is None:
-        return [f"{where}: job.accounts is not restricted (without slurmdbd, Slurm accepts any account name)"]
-    return []
-
-
-def _digest(files: Iterable[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in files:
-        try:
-            digest.update(file.read_bytes())
-        except OSError:
-            digest.update(b"\0missing\0")
-    return digest.hexdigest()[:16]
-
-
-def _read_files(files: list[Path], errors: list[str]) -> list[tuple[Path, PolicyFile]]:
+def _read_files(files: list[Path], errors: list[str]) -> list[tuple[Path, Indexed]]:
     raws: list[tuple[Path, Any]] = []
     for file in files:
         if not file.exists():
@@ -282,7 +252,7 @@ def _read_files(files: list[Path], errors: list[str]) -> list[tuple[Path, Policy
     table_files: set[Path] = set()
     for file, raw in raws:
         table_files |= _table_references(file, raw)
-    parsed: list[tuple[Path, PolicyFile]] = []
+    parsed: list[tuple[Path, Indexed]] = []
     for file, raw in raws:
         if file.resolve() in table_files:
             continue
@@ -300,13 +270,13 @@ def load_policy(paths: Iterable[Path], *, trusted_issuers: Iterable[str] | None 
         raise PolicyError(["no policy files found (policy.paths)"])
     parsed = _read_files(files, errors)
     inputs: list[Path] = list(files)
-    groups, tables = _load_shared(parsed, errors, inputs)
+    groups, tables = _load_shared([(file, pf) for file, (pf, _) in parsed], errors, inputs)
     rules: list[Rule] = []
     seen: dict[str, Path] = {}
     trusted = set(trusted_issuers) if trusted_issuers is not None else None
-    for file, pf in parsed:
-        _check_issuers(file, pf, trusted, errors)
-        for index, spec in enumerate(pf.rules):
+    for file, (pf, indexes) in parsed:
+        check_issuers(file, pf, indexes, trusted, errors)
+        for index, spec in zip(indexes, pf.rules, strict=True):
             if spec.id in seen:
                 errors.append(f"{file}: rules[{index}] (id={spec.id}): id already used in {seen[spec.id]}")
             seen[spec.id] = file
@@ -320,7 +290,7 @@ def load_policy(paths: Iterable[Path], *, trusted_issuers: Iterable[str] | None 
         rules=tuple(rules),
         tables={k: dict(v) for k, v in tables.items()},
         sources=tuple(str(f) for f in files),
-        digest=_digest(unique_inputs),
+        digest=digest_of(unique_inputs),
         inputs=tuple(str(f) for f in unique_inputs),
-        warnings=tuple(w for rule in rules for w in _warnings(rule)),
+        warnings=tuple(w for rule in rules for w in warnings_for(rule)),
     )

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from slurmproxy.policy.loader import POLICY_SUFFIXES, PolicyError
 from slurmproxy.policy.rules import Policy
@@ -45,7 +46,7 @@ class ReloadStatus:
     reloads: int = 0
     failures: int = 0
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "status": "ok" if self.ok else "stale: the last reload failed; the previous policy is in force",
             "rules": self.rules,
@@ -71,10 +72,11 @@ def fingerprint(paths: Sequence[Path], inputs: Sequence[str]) -> Fingerprint:
     """Stat data of every configured path, every policy file in a configured directory, and every input."""
     seen: list[Path] = []
     for path in paths:
-        seen.append(path)
-        if path.is_dir():
-            with contextlib.suppress(OSError):
-                seen.extend(sorted(p for p in path.iterdir() if p.suffix in POLICY_SUFFIXES))
+        if not path.is_dir():
+            seen.append(path)
+            continue
+        with contextlib.suppress(OSError):  # a directory's own mtime also moves for files that are not policies
+            seen.extend(sorted(p for p in path.iterdir() if p.suffix in POLICY_SUFFIXES))
     seen.extend(Path(p) for p in inputs)
     return tuple(_stat(p) for p in dict.fromkeys(seen))
 
