@@ -7,6 +7,7 @@ The audit record gets the deciding (or body-refusing) rule; :class:`PolicyStats`
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from slurmproxy.policy.stats import PolicyStats
 from slurmproxy.tokens import Principal
 
 BodyReader = Callable[[Receive, int], Awaitable[bytes]]
+THREAD_THRESHOLD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,10 @@ async def authorize(
     check_job_headers(scope, limit)
     raw = await read(receive, limit)
     try:
-        checked = decide_job(policy, principal, method, path, request, raw)
+        if len(raw) > THREAD_THRESHOLD_BYTES:  # parsing a large body takes milliseconds: not on the event loop
+            checked = await asyncio.to_thread(decide_job, policy, principal, method, path, request, raw)
+        else:
+            checked = decide_job(policy, principal, method, path, request, raw)
     except JobPolicyError as error:
         stats.refused(error.reason, error.rule_id or decision.rule.id)
         raise

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from pytest_httpx import HTTPXMock
 
+from slurmproxy.authorize import THREAD_THRESHOLD_BYTES
 from slurmproxy.policy.stats import PolicyStats
 from tests.asgi import app_client, app_session
 from tests.helpers import OTHER_VO, UPSTREAM, VO_MEMBER, Signer, make_settings
@@ -209,3 +210,21 @@ async def test_decisions_and_malformed_entitlements_are_counted(
         ("deny", "job_field_not_allowed", "vo-a"): 1,
     }
     assert (stats.malformed_entitlements, stats.requests_with_malformed_entitlements) == (1, 1)
+
+
+async def test_large_bodies_are_checked_off_the_event_loop_all_the_same(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer
+) -> None:
+    httpx_mock.add_response(url=f"{UPSTREAM}{V42}/job/submit", method="POST", json={"job_id": 3})
+    environment = [f"VAR_{n}={'x' * 40}" for n in range(3000)]  # about 150 KiB, over THREAD_THRESHOLD_BYTES
+    async with app_client(make_settings(tmp_path, vo_policy())) as client:
+        accepted = await client.post(
+            f"{V42}/job/submit", json={"job": {"environment": environment}}, headers=auth(signer)
+        )
+        refused = await client.post(
+            f"{V42}/job/submit", json={"job": {"environment": environment, "account": "x"}}, headers=auth(signer)
+        )
+    assert accepted.status_code == 200 and refused.status_code == 403
+    (sent,) = upstream_requests(httpx_mock)
+    assert len(sent.content) > THREAD_THRESHOLD_BYTES
+    assert json.loads(sent.content)["job"]["account"] == "vo-a"

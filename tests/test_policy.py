@@ -4,10 +4,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, strategies as st
 
-from slurmproxy.policy import PolicyError, evaluate, load_policy
+from slurmproxy.entitlements import EntitlementRequirement
+from slurmproxy.policy import MappingStep, Policy, PolicyError, Rule, evaluate, load_policy
 from slurmproxy.policy.limits import slurm_minutes
-from slurmproxy.policy.operations import compile_path
+from slurmproxy.policy.operations import builtin_operations, compile_path
 from tests.helpers import (
     ISSUER,
     OTHER_ISSUER,
@@ -439,3 +441,54 @@ def test_multi_vo_evaluation_table(
     }
     decision = evaluate(load(tmp_path, policy), principal(*entitlements, claims=claims), method, path)
     assert (decision.rule.id if decision.rule else None, decision.reason) == (decider, reason)
+
+
+_GROUPS = ["vo.a", "vo.b", "vo.c"]
+_OPS = builtin_operations()
+
+
+@st.composite
+def policies_and_callers(draw: st.DrawFn) -> tuple[Policy, Any, str, str]:
+    rules = []
+    for n in range(draw(st.integers(1, 8))):
+        groups = draw(st.lists(st.sampled_from(_GROUPS), max_size=2))
+        requirements = tuple(
+            EntitlementRequirement("urn:mace:egi.eu", g, role=draw(st.sampled_from([None, "member"]))) for g in groups
+        )
+        allow = draw(st.lists(st.sampled_from(["read-only", "submit", "cancel-own"]), min_size=1, max_size=2))
+        rules.append(
+            Rule(
+                id=f"r{n}",
+                source="mem",
+                description="",
+                issuers=None,
+                subjects=None if requirements else frozenset({draw(st.sampled_from(["alice", "bob"]))}),
+                requirements=requirements,
+                allow=tuple(allow),
+                operations=tuple(op for group in allow for op in _OPS[group]),
+                mapping=(MappingStep("service_account", "svc"),),
+            )
+        )
+    held = draw(st.lists(st.sampled_from(_GROUPS), max_size=3))
+    roles = draw(st.lists(st.sampled_from(["member", "manager"]), min_size=len(held), max_size=len(held)))
+    entitlements = [f"urn:mace:egi.eu:group:{g}:role={r}#aai.egi.eu" for g, r in zip(held, roles, strict=True)]
+    who = principal(*entitlements, subject=draw(st.sampled_from(["alice", "bob"])))
+    method, path = draw(
+        st.sampled_from([("GET", "/slurm/v0.0.42/jobs"), ("POST", SUBMIT), ("DELETE", "/slurm/v0.0.40/job/3")])
+    )
+    return Policy(rules=tuple(rules), tables={}), who, method, path
+
+
+@given(policies_and_callers())
+def test_the_rule_index_never_changes_a_decision(case: tuple[Policy, Any, str, str]) -> None:
+    """The fast path (rules indexed by VO) decides exactly as walking every rule in order does."""
+    policy, who, method, path = case
+    fast, slow = evaluate(policy, who, method, path), evaluate(policy, who, method, path, explain=True)
+    assert (fast.allowed, fast.reason, fast.rule, fast.entitlement) == (
+        slow.allowed,
+        slow.reason,
+        slow.rule,
+        slow.entitlement,
+    )
+    if not fast.allowed:
+        assert fast.detail == slow.detail

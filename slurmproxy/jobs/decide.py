@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +88,7 @@ def encode(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
-def first_accepting(job: JobBody, rules: list[Candidate]) -> tuple[Candidate, dict[str, Any], Refusals]:
+def first_accepting(job: JobBody, rules: Iterable[Candidate]) -> tuple[Candidate, dict[str, Any], Refusals]:
     """The first candidate whose constraints the body meets, with the document to forward.
 
     Raises the first candidate's refusal if none accepts the body.
@@ -98,6 +99,8 @@ def first_accepting(job: JobBody, rules: list[Candidate]) -> tuple[Candidate, di
             return candidate, apply_limits(job, candidate.rule.job), refused
         except JobPolicyError as error:
             refused.append((candidate.rule.id, error))
+    if not refused:  # the caller checked the operation first, on the same policy object: cannot happen
+        raise JobPolicyError("", "no rule allows this job request", reason="operation_not_allowed")
     rule_id, first = refused[0]
     others = "; ".join(f"rule {r}: {e.detail}" for r, e in refused[1:])
     detail = f"rule {rule_id}: {first.detail}" + (f" (also refused by {others})" if others else "")
@@ -111,8 +114,5 @@ def decide_job(
 ) -> JobDecision:
     """Parse and check the body against the candidate rules; the decision and the exact bytes to forward."""
     job = parse_job_body(request.kind, dialect_of(request.version), raw)
-    rules = list(candidates(policy, principal, method, path))
-    if not rules:  # the caller checked the operation first; a reload in between cannot change `policy`
-        raise JobPolicyError("", f"no rule allows {method} {path}", reason="operation_not_allowed")
-    candidate, document, refused = first_accepting(job, rules)
+    candidate, document, refused = first_accepting(job, candidates(policy, principal, method, path))
     return JobDecision(allowed(candidate), encode(document), document, tuple(refused))

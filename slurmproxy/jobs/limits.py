@@ -22,7 +22,6 @@ same way, but nothing is filled in. The input is never modified: a new document 
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from slurmproxy.jobs.body import JobBody, JobPolicyError, locate
@@ -147,10 +146,21 @@ def _node_counts(
     return counts
 
 
+def _copy(job: JobBody) -> dict[str, Any]:
+    """A copy of the document whose job descriptions can be changed: only their top-level keys are."""
+    document = dict(job.document)
+    for key in ("job", "jobs", "hetjob"):
+        if isinstance(document.get(key), dict):
+            document[key] = dict(document[key])
+        elif isinstance(document.get(key), list):
+            document[key] = [dict(c) if isinstance(c, dict) else c for c in document[key]]
+    return document
+
+
 def apply_limits(job: JobBody, limits: JobLimits | None) -> dict[str, Any]:
     """The document as it will be forwarded, or JobPolicyError naming the first field at fault."""
     limits = limits or NO_LIMITS
-    document = copy.deepcopy(job.document)
+    document = _copy(job)
     fill = job.kind != "update"
     components = locate(job.kind, document)
     for where, component in components:

@@ -61,6 +61,24 @@ class Policy:
     digest: str = ""
     inputs: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    _by_group: dict[tuple[str, str], list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _any_group: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # An index from (namespace, group) to the rules that can match it: a rule that requires
+        # entitlements can only admit a caller who holds one of that VO, whatever its other parts.
+        for n, rule in enumerate(self.rules):
+            if not rule.requirements:
+                self._any_group.append(n)
+            for key in dict.fromkeys((r.namespace, r.group) for r in rule.requirements):
+                self._by_group.setdefault(key, []).append(n)
+
+    def rules_for(self, principal: Principal) -> list[Rule]:
+        """The rules that may admit this caller, in evaluation order (the others cannot)."""
+        found = set(self._any_group)
+        for ent in principal.parsed_entitlements:
+            found.update(self._by_group.get((ent.namespace, ent.group), ()))
+        return [self.rules[n] for n in sorted(found)]
 
 
 @dataclass(frozen=True)
@@ -155,7 +173,7 @@ def walk(policy: Policy, principal: Principal, method: str, path: str) -> Iterat
 
 def admitting(policy: Policy, principal: Principal) -> Iterator[tuple[Rule, Entitlement | None]]:
     """The rules that admit the caller (whatever the operation), with the entitlement that did it."""
-    for rule in policy.rules:
+    for rule in policy.rules_for(principal):
         failed, ent = _admits(rule, principal)
         if failed is None:
             yield rule, ent
@@ -163,7 +181,7 @@ def admitting(policy: Policy, principal: Principal) -> Iterator[tuple[Rule, Enti
 
 def candidates(policy: Policy, principal: Principal, method: str, path: str) -> Iterator[Candidate]:
     """The rules that admit the caller and allow the operation, in evaluation order (no trace)."""
-    for rule in policy.rules:
+    for rule in policy.rules_for(principal):
         failed, ent = _admits(rule, principal)
         if failed is None:
             op = operation_of(rule, method, path)
@@ -216,7 +234,7 @@ def evaluate(policy: Policy, principal: Principal, method: str, path: str, *, ex
             return allowed(decided, tuple(trace))
         return denied(method, path, [t.rule_id for t in trace if t.admits], tuple(trace))
     admitted: list[str] = []
-    for rule in policy.rules:
+    for rule in policy.rules_for(principal):
         failed, ent = _admits(rule, principal)
         if failed is None:
             op = operation_of(rule, method, path)
