@@ -195,3 +195,23 @@ def test_explain_bad_path_is_a_400_decision(tmp_path: Path, config: Path, capsys
         capsys, "policy", "explain", "-c", str(config), "--claims", who, "--request", "GET /slurm/%2e%2e/x"
     )
     assert status == 1 and "HTTP 400 bad_path" in out
+
+
+def test_explain_with_other_policy_files_and_no_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An admin can try a draft policy before it goes live, without a configuration."""
+    draft = site_policy()
+    draft["rules"][0]["allow"] = ["ping"]
+    policy = write(tmp_path / "draft.yaml", draft)
+    who = str(claims(tmp_path, VO_MEMBER))
+    status, out, _ = run(
+        capsys,
+        "policy",
+        "explain",
+        "--policy",
+        str(policy),
+        "--claims",
+        who,
+        "--request",
+        "POST /slurm/v0.0.42/job/submit",
+    )
+    assert status == 1 and "does not allow POST /slurm/v0.0.42/job/submit" in out and str(policy) in out
