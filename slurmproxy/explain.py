@@ -4,12 +4,13 @@
 body checks, the identity mapping) on a claim set, a request line and an optional body, and
 records every step: the entitlements considered, every rule in evaluation order (admits or not
 and why, allows the operation or not, accepts the job body or not and why), the deciding rule,
-the local account, and the body exactly as it would be forwarded. Nothing is sent to Slurm.
+the local account, and the body exactly as it would be forwarded. Nothing is sent to Slurm, and
+nothing changes: a pool mapping step shows the lease the caller has or would get, and takes none.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from slurmproxy.entitlements import parse_all
@@ -56,6 +57,7 @@ class Explanation:
     operation: str | None = None
     account: str | None = None
     mapping: str | None = None
+    mapping_steps: list[dict[str, Any]] = field(default_factory=list)
     body: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -147,10 +149,17 @@ async def explain(
     if document is not None:
         out.body = document
         out.notes.append(f"forwarded as {len(encode(document))} bytes of JSON")
-    try:
-        account = await mapper.map(policy, candidate.rule, principal)
-    except ProxyError as error:
+    # Without side effects: a pool step shows the lease the caller has or would get, and takes none.
+    reports = await mapper.explain(policy, candidate.rule, principal)
+    out.mapping_steps = [asdict(r) for r in reports]
+    chosen = next((r for r in reports if r.chosen), None)
+    if chosen is None:
+        failed = next((r.error for r in reports if r.error), None)
         out.notes.append(f"rule {candidate.rule.id} allows it, but gives no local account")
-        return _refuse(out, error)
-    out.account, out.mapping = account.name, account.source
+        reason, _, detail = failed.partition(": ") if failed else ("unmapped", "", "no mapping step gave an account")
+        # An ALISE or pool failure is the service's fault (503); anything else is a refusal (403).
+        out.allowed, out.reason, out.detail = False, reason, detail
+        out.status = 503 if reason.startswith(("alise_", "pool_")) else 403
+        return out
+    out.account, out.mapping = chosen.answer, chosen.step
     return out

@@ -33,11 +33,16 @@ def policy_details(runtime: Runtime) -> dict[str, Any]:
 
 
 async def _account(runtime: Runtime, policy: Policy, rule: Rule, principal: Principal) -> dict[str, Any]:
-    try:
-        account = await runtime.mapper.map(policy, rule, principal)
-    except ProxyError as exc:
-        return {"refused": exc.reason, "detail": exc.detail}
-    return {"account": account.name, "via": account.source}
+    """The account the rule's mapping gives, asked without side effects (no pool lease is taken)."""
+    reports = await runtime.mapper.explain(policy, rule, principal)
+    chosen = next((r for r in reports if r.chosen), None)
+    if chosen is not None:
+        answer: dict[str, Any] = {"account": chosen.answer, "via": chosen.step}
+        if chosen.detail:
+            answer["detail"] = chosen.detail
+        return answer
+    failed = next((r.error for r in reports if r.error), None)
+    return {"refused": failed or "unmapped: no mapping step gave an account"}
 
 
 async def describe(runtime: Runtime, principal: Principal) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from slurmproxy.cli import main
+from slurmproxy.identity.pool import LeaseStore
 from tests.helpers import ISSUER, OTHER_VO, VO_MEMBER, make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,3 +216,32 @@ def test_explain_with_other_policy_files_and_no_config(tmp_path: Path, capsys: p
         "POST /slurm/v0.0.42/job/submit",
     )
     assert status == 1 and "does not allow POST /slurm/v0.0.42/job/submit" in out and str(policy) in out
+
+
+def test_explain_shows_mapping_steps_and_never_leases(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pooled = site_policy()
+    pooled["rules"][0]["mapping"] = [{"table": "users"}, {"pool": "vo"}]
+    database = tmp_path / "leases.sqlite"
+    identity = {"pools": {"vo": {"accounts": ["pool001..pool002"]}}, "pool_database": str(database)}
+    make_settings(tmp_path, pooled, identity=identity)
+    who = str(claims(tmp_path, VO_MEMBER, sub="newcomer"))
+    argv = [
+        "policy",
+        "explain",
+        "-c",
+        str(tmp_path / "config.yaml"),
+        "--claims",
+        who,
+        "--request",
+        "GET /slurm/v0.0.42/ping",
+    ]
+    for _ in range(2):
+        status, out, _ = run(capsys, *argv)
+        assert status == 0, out
+        assert "account:  pool001 (via pool:vo)" in out
+        assert "  mapping table:users: - (no answer; next step)\n  mapping pool:vo: pool001 (chosen)" in out
+    store = LeaseStore(database, {"vo": ("pool001", "pool002")}).open()
+    try:
+        assert store.find("vo", ISSUER, "newcomer") is None
+    finally:
+        store.close()

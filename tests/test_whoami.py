@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pytest_httpx import HTTPXMock
 
-from tests.asgi import app_client
+from tests.asgi import app_client, app_session
 from tests.helpers import ISSUER, OTHER_VO, UPSTREAM, VO_MEMBER, Signer, make_settings
 
 pytestmark = pytest.mark.anyio
@@ -63,7 +63,8 @@ async def test_whoami_tells_identity_entitlements_account_and_operations(
             "default_partition": "debug",
         },
     }
-    assert second["mapping"]["refused"] == "account_refused"  # a rule whose mapping is unsafe says so
+    # a rule whose mapping is unsafe says so
+    assert second["mapping"] == {"refused": "account_refused: local account 'root' is refused: it is root"}
     assert "vo-b" not in json.dumps(body)  # rules that do not admit the caller are not disclosed
     assert [r for r in httpx_mock.get_requests() if str(r.url).startswith(UPSTREAM)] == []
     (record,) = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
@@ -98,3 +99,19 @@ async def test_whoami_needs_a_valid_token(
     assert response.status_code == status and response.json()["slurmproxy"]["reason"] == reason
     (record,) = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     assert (record["decision"], record["reason"], record["operation"]) == ("deny", reason, "whoami")
+
+
+async def test_whoami_shows_a_pool_account_without_leasing_it(tmp_path: Path, signer: Signer) -> None:
+    pooled = policy()
+    pooled["rules"][0]["mapping"] = [{"pool": "vo"}]
+    identity = {"pools": {"vo": {"accounts": ["pool001..pool002"]}}, "pool_database": str(tmp_path / "l.sqlite")}
+    settings = make_settings(tmp_path, pooled, identity=identity)
+    async with app_session(settings) as (client, state):
+        body = (await client.get(WHOAMI, headers={"Authorization": f"Bearer {signer.token()}"})).json()
+        leases = await state["runtime"].mapper.pools.find("vo", ISSUER, "alice@example.org")
+    assert body["rules"][0]["mapping"] == {
+        "account": "pool001",
+        "via": "pool:vo",
+        "detail": {"lease": "would lease", "pool": "vo", "free": 2},
+    }
+    assert leases is None  # asking who you are never takes a lease

@@ -24,10 +24,10 @@ import yaml
 from slurmproxy.commands import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, add_config_argument
 from slurmproxy.errors import ProxyError
 from slurmproxy.explain import Explanation, explain
-from slurmproxy.identity import AccountGuard, IdentityMapper
+from slurmproxy.identity import open_identity
 from slurmproxy.policy import Policy, PolicyError, load_policy
 from slurmproxy.settings import ConfigError, IdentitySettings, IssuerSettings, Settings, load_settings
-from slurmproxy.tokens import make_principal
+from slurmproxy.tokens import Principal, make_principal
 
 
 class InputError(Exception):
@@ -144,6 +144,9 @@ def render(result: Explanation) -> str:
     out.append(f"decision: {verdict}: HTTP {result.status} {result.reason}: {result.detail}")
     if result.account is not None:
         out.append(f"account:  {result.account} (via {result.mapping})")
+    for report in result.mapping_steps:
+        what = "chosen" if report["chosen"] else report["error"] or report["note"]
+        out.append(f"  mapping {report['step']}: {report['answer'] or '-'} ({what})")
     out.extend(f"note:     {note}" for note in result.notes)
     if result.body is not None:
         out.append("body as forwarded to slurmrestd:")
@@ -167,10 +170,18 @@ def explain_command(args: argparse.Namespace) -> int:
     except InputError as exc:
         print(f"slurmproxy: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    identity = settings.identity if settings is not None else IdentitySettings()
-    result = asyncio.run(explain(policy, principal, method, path, body, IdentityMapper(AccountGuard(identity))))
+    result = asyncio.run(_explain(settings, policy, principal, method, path, body))
     print(json.dumps(result.as_dict(), indent=2) if args.json else render(result))
     return EXIT_OK if result.allowed else EXIT_FAILURE
+
+
+async def _explain(
+    settings: Settings | None, policy: Policy, principal: Principal, method: str, path: str, body: bytes | None
+) -> Explanation:
+    """With a configuration, the mapping backends it configures (ALISE is asked live; pools lease nothing)."""
+    identity = settings.identity if settings is not None else IdentitySettings()
+    async with open_identity(identity) as mapper:
+        return await explain(policy, principal, method, path, body, mapper)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
