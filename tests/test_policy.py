@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -492,3 +494,15 @@ def test_the_rule_index_never_changes_a_decision(case: tuple[Policy, Any, str, s
     )
     if not fast.allowed:
         assert fast.detail == slow.detail
+
+
+def test_claim_conditions_read_userinfo_then_introspection_then_the_token(tmp_path: Path) -> None:
+    loaded = load(tmp_path, {"rules": [rule("assured", claims={"eduperson_assurance": [ASSURANCE]})]})
+    base = principal(VO_MEMBER, claims={"eduperson_assurance": "https://refeds.org/assurance/IAP/low"})
+    from_userinfo = dataclasses.replace(base, userinfo=MappingProxyType({"eduperson_assurance": [ASSURANCE]}))
+    from_introspection = dataclasses.replace(base, introspection=MappingProxyType({"eduperson_assurance": ASSURANCE}))
+    overridden = dataclasses.replace(from_introspection, userinfo=MappingProxyType({"eduperson_assurance": []}))
+    assert not evaluate(loaded, base, "POST", SUBMIT).allowed
+    assert evaluate(loaded, from_userinfo, "POST", SUBMIT).allowed
+    assert evaluate(loaded, from_introspection, "POST", SUBMIT).allowed
+    assert not evaluate(loaded, overridden, "POST", SUBMIT).allowed

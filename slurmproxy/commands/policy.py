@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from slurmproxy.checks import entitlements_from, subject_from
+from slurmproxy.claims import Identity
 from slurmproxy.commands import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, add_config_argument
 from slurmproxy.errors import ProxyError
 from slurmproxy.explain import Explanation, explain
@@ -112,6 +114,13 @@ def _principal_input(args: argparse.Namespace, settings: Settings | None) -> tup
     raise InputError(f"issuer {claims['iss']!r} is not configured: every token from it is refused (401)")
 
 
+def principal_from(issuer: IssuerSettings, claims: dict[str, Any]) -> Principal:
+    """The caller as the proxy would see them if the token (or userinfo) carried these claims."""
+    subject = subject_from(claims, issuer.subject_claim, "claims file")
+    identity = Identity(subject, entitlements_from(claims, issuer.entitlement_claims), None, None)
+    return make_principal(issuer, claims, identity, "explain")
+
+
 def _request(args: argparse.Namespace) -> tuple[str, str, bytes | None]:
     method, _, path = args.request.strip().partition(" ")
     if not path.strip():
@@ -159,7 +168,7 @@ def explain_command(args: argparse.Namespace) -> int:
         settings = _settings(args)
         policy = _policy(args, settings)
         claims, issuer = _principal_input(args, settings)
-        principal = make_principal(issuer, claims, "explain")
+        principal = principal_from(issuer, claims)
         method, path, body = _request(args)
     except (ConfigError, PolicyError) as exc:
         print(f"slurmproxy: invalid configuration or policy\n{exc.detail}", file=sys.stderr)

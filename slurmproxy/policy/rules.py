@@ -108,6 +108,17 @@ def _claim_holds(value: Any, accepted: tuple[ClaimValue, ...]) -> bool:
     return any(type(h) is type(a) and h == a for h in held for a in accepted)
 
 
+_MISSING = object()
+
+
+def claim_value(principal: Principal, name: str) -> Any:
+    """A claim from the provider's userinfo answer, else its introspection answer, else the token."""
+    for source in (principal.userinfo, principal.introspection, principal.claims):
+        if source is not None and name in source:
+            return source[name]
+    return _MISSING
+
+
 def _admits(rule: Rule, principal: Principal) -> tuple[str | None, Entitlement | None]:
     """(None, entitlement) if ``rule`` admits the caller, else (the failed condition, None)."""
     if rule.issuers is not None and principal.issuer not in rule.issuers:
@@ -123,7 +134,7 @@ def _admits(rule: Rule, principal: Principal) -> tuple[str | None, Entitlement |
         if held is None:
             return "entitlements", None
     for name, accepted in rule.claims.items():
-        if not _claim_holds(principal.claims.get(name), accepted):
+        if not _claim_holds(claim_value(principal, name), accepted):
             return f"claims.{name}", None
     return None, held
 
