@@ -245,3 +245,13 @@ def test_explain_shows_mapping_steps_and_never_leases(tmp_path: Path, capsys: py
         assert store.find("vo", ISSUER, "newcomer") is None
     finally:
         store.close()
+
+
+def test_check_with_config_also_checks_mapping_backends(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    draft = site_policy()
+    draft["rules"][1]["mapping"] = [{"pool": "nowhere"}]
+    policy = write(tmp_path / "draft.yaml", draft)
+    status, _, err = run(capsys, "policy", "check", "--config", str(config), str(policy))
+    assert status == 2 and "pool 'nowhere' is not configured under identity.pools" in err

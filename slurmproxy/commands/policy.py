@@ -26,7 +26,7 @@ from slurmproxy.claims import Identity
 from slurmproxy.commands import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, add_config_argument
 from slurmproxy.errors import ProxyError
 from slurmproxy.explain import Explanation, explain
-from slurmproxy.identity import open_identity
+from slurmproxy.identity import check_policy_backends, open_identity
 from slurmproxy.policy import Policy, PolicyError, load_policy
 from slurmproxy.settings import ConfigError, IdentitySettings, IssuerSettings, Settings, load_settings
 from slurmproxy.tokens import Principal, make_principal
@@ -46,8 +46,12 @@ def _policy(args: argparse.Namespace, settings: Settings | None) -> Policy:
         if settings is None:
             raise InputError("give policy files or directories, or --config (or $SLURMPROXY_CONFIG)")
         paths = list(settings.policy.paths)
-    trusted = [i.issuer for i in settings.oidc.issuers] if settings is not None else None
-    return load_policy(paths, trusted_issuers=trusted)
+    if settings is None:
+        return load_policy(paths)
+    # As the proxy loads it: issuers must be configured, and so must the ALISE services and pools named.
+    policy = load_policy(paths, trusted_issuers=[i.issuer for i in settings.oidc.issuers])
+    check_policy_backends(policy, settings.identity)
+    return policy
 
 
 def _describe_rule(n: int, rule: Any) -> list[str]:
