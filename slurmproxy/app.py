@@ -26,6 +26,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from slurmproxy.errors import DependencyError
+from slurmproxy.logs import configure_logging
+from slurmproxy.metrics import metrics_routes
 from slurmproxy.proxy import ProxyEndpoint
 from slurmproxy.responses import json_response
 from slurmproxy.runtime import Runtime, open_runtime
@@ -102,6 +104,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if settings is None:
         path = os.environ.get(CONFIG_ENV)
         settings = load_settings(Path(path) if path else None)
+        configure_logging(settings.log)  # in a uvicorn worker process, which did not run `serve`'s set-up
     final_settings = settings
 
     @asynccontextmanager
@@ -119,6 +122,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route(f"{PREFIX}/live", live, methods=["GET"]),
         Route(f"{PREFIX}/ready", ready, methods=["GET"]),
         Route(f"{PREFIX}/whoami", WhoamiEndpoint(), methods=["GET"]),
+        *metrics_routes(final_settings),
         Route("/{path:path}", ProxyEndpoint()),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -9,6 +9,7 @@ has its record; the client's credentials never reach slurmrestd.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -24,11 +25,14 @@ from slurmproxy.errors import (
     PayloadTooLargeError,
     ProxyError,
 )
+from slurmproxy.forwarded import client_address
+from slurmproxy.logs import request_id_var
 from slurmproxy.paths import canonical_path, check_query
 from slurmproxy.responses import error_response
 from slurmproxy.runtime import Runtime
 from slurmproxy.upstream import UpstreamResponse, client_headers, normalized, send
 
+logger = logging.getLogger("slurmproxy.proxy")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,128}")
 _BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 MAX_INSPECTED_RESPONSE = 1024 * 1024
@@ -108,11 +112,14 @@ class ProxyEndpoint:
         runtime: Runtime = scope["state"]["runtime"]
         settings = runtime.settings
         request_id = request_id_of(scope, settings.server.request_id_header.lower().encode())
+        request_id_var.set(request_id)
+        peer = scope["client"][0] if scope.get("client") else None
         record = AuditRecord(
             request_id=request_id,
             method=scope["method"],
             path=scope.get("raw_path", scope["path"].encode()).decode("latin-1")[:512],
-            client=scope["client"][0] if scope.get("client") else None,
+            client=client_address(peer, _headers(scope, b"x-forwarded-for"), settings.server.trusted_proxies),
+            peer=peer,
             user_agent=(_header(scope, b"user-agent") or "")[:256] or None,
         )
         upstream: UpstreamResponse | None = None
@@ -123,16 +130,21 @@ class ProxyEndpoint:
             record.reason = error.reason
             record.detail = error.detail
             record.decision = "deny" if error.status_code < 500 else "error"
+            if error.status_code >= 500:
+                logger.warning("%s %s failed: %s (%s)", record.method, record.path, error.reason, error.detail)
             response = error_response(error, request_id)
         try:
             runtime.audit.emit(record)
-        except AuditWriteError:
+        except AuditWriteError as exc:
+            logger.error("%s; refusing the request", exc)
             if upstream is not None:
                 await upstream.aclose()
+            record.status, record.decision, record.reason = 503, "error", "audit_unavailable"
             response = error_response(
                 DependencyError("the audit log cannot be written; refusing to answer", reason="audit_unavailable"),
                 request_id,
             )
+        runtime.metrics.observe_request(record)
         await response(scope, receive, send_)
 
     async def _handle(
@@ -144,7 +156,7 @@ class ProxyEndpoint:
         query = check_query(scope.get("query_string", b""))
 
         principal = await runtime.tokens.authenticate(_headers(scope, b"authorization"))
-        record.issuer, record.subject = principal.issuer, principal.subject
+        record.set_principal(principal)
 
         policy = runtime.policy  # a reload swaps the attribute; this request keeps the policy it started with
         limit = runtime.settings.server.max_body_bytes
@@ -176,7 +188,10 @@ class ProxyEndpoint:
         length = str(len(authorized.body)) if authorized.body is not None else _header(scope, b"content-length")
         if length is not None:
             headers.append((b"content-length", length.encode()))
-        upstream = await send(runtime.upstream, method=method, path=path, query=query, headers=headers, content=content)
+        with record.upstream_timer():
+            upstream = await send(
+                runtime.upstream, method=method, path=path, query=query, headers=headers, content=content
+            )
         record.upstream_status = record.status = upstream.status_code
         await runtime.upstream_auth.check(upstream, path=path, user=account.name, headers=credential)
         record.decision, record.reason, record.detail = "allow", "allowed", None

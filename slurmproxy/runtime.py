@@ -12,6 +12,7 @@ from slurmproxy.apiversions import ApiVersions
 from slurmproxy.audit import AuditLog
 from slurmproxy.credentials import SlurmCredentials, credentials_from
 from slurmproxy.identity import IdentityMapper, check_policy_backends, open_identity
+from slurmproxy.metrics import Metrics
 from slurmproxy.policy import Policy, load_policy
 from slurmproxy.policy.reload import PolicyReloader, reloading
 from slurmproxy.policy.stats import PolicyStats
@@ -33,6 +34,7 @@ class Runtime:
     audit: AuditLog
     apis: ApiVersions
     upstream_auth: UpstreamAuthCheck
+    metrics: Metrics
     policy_reloader: PolicyReloader | None = None  # swaps `policy` on SIGHUP and file changes
     policy_stats: PolicyStats = field(default_factory=PolicyStats)
 
@@ -55,20 +57,25 @@ def load_runtime_policy(settings: Settings) -> Policy:
 @asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     """Build the runtime; close every client and file on exit."""
+    metrics = Metrics()
     policy = load_runtime_policy(settings)
+    metrics.policy_load(True, rules=len(policy.rules))
     credentials = credentials_from(settings.upstream)
-    audit = AuditLog(settings.audit)
+    audit = AuditLog(settings.audit, metrics)
     audit.open()
     provider_http = httpx.AsyncClient(
-        timeout=settings.oidc.http_timeout_seconds, follow_redirects=False, trust_env=False
+        timeout=settings.oidc.http_timeout_seconds,
+        follow_redirects=False,
+        trust_env=False,
+        transport=metrics.transport("provider"),
     )
     upstream = create_client(settings.upstream)
     apis = ApiVersions(upstream, credentials, settings.upstream)
     tokens: TokenValidator | None = None
     try:
-        tokens = build_validator(settings, provider_http)
+        tokens = build_validator(settings, provider_http, metrics)
         apis.start()  # reads slurmrestd's API versions in the background, then every refresh interval
-        async with open_identity(settings.identity) as mapper:
+        async with open_identity(settings.identity, metrics) as mapper:
             runtime = Runtime(
                 settings=settings,
                 tokens=tokens,
@@ -79,6 +86,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 audit=audit,
                 apis=apis,
                 upstream_auth=UpstreamAuthCheck(upstream),
+                metrics=metrics,
             )
             runtime.policy_reloader = PolicyReloader(
                 settings.policy.paths,

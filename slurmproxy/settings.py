@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from slurmproxy.errors import ProxyError
@@ -48,6 +48,7 @@ DEFAULT_FAILURE_CACHE_SECONDS = 5.0
 DEFAULT_POLICY_RELOAD_INTERVAL_SECONDS = 2.0
 
 ClaimSource = Literal["token", "userinfo", "introspection"]
+DEFAULT_AUDIT_MAX_BYTES = 100 * 1024 * 1024
 
 # Asymmetric JWS algorithms only (RFC 7518 §3.1). "none" and the HMAC family can never be allowed for
 # an identity provider: an HS256 token "signed" with the provider's public key must not validate.
@@ -81,6 +82,11 @@ class ServerSettings(_Section):
     )
     max_token_bytes: int = Field(
         DEFAULT_MAX_TOKEN_BYTES, ge=512, description="Longest bearer token accepted (401 above). Defaults to 16 KiB."
+    )
+    trusted_proxies: tuple[IPvAnyNetwork, ...] = Field(
+        (),
+        description="Peers (addresses or CIDRs) whose X-Forwarded-For is believed for the audit record's client "
+        "address. Defaults to none: the client is the TCP peer.",
     )
 
 
@@ -423,12 +429,42 @@ class PolicySettings(_Section):
 class AuditSettings(_Section):
     sink: Literal["stdout", "file"] = Field("stdout", description="Where audit records go.")
     file: ConfigPath | None = Field(None, description="The audit file when sink is `file`.")
+    max_bytes: int = Field(
+        DEFAULT_AUDIT_MAX_BYTES,
+        ge=0,
+        description="Rotate the audit file before it grows past this size; 0 never rotates. Defaults to 100 MiB.",
+    )
+    keep: int = Field(0, ge=0, description="Rotated files kept (the oldest are deleted); 0 keeps all. Defaults to 0.")
+    fail_closed: bool = Field(
+        True, description="Refuse a request (503) whose record cannot be written. Defaults to true."
+    )
+    pseudonym_key_file: ConfigPath | None = Field(
+        None, description="If set, subjects are recorded as a keyed hash (HMAC-SHA256) with the key in this file."
+    )
 
     @model_validator(mode="after")
     def _file_for_file_sink(self) -> AuditSettings:
         if self.sink == "file" and self.file is None:
             raise ValueError("sink 'file' needs file")
         return self
+
+
+class MetricsSettings(_Section):
+    enabled: bool = Field(True, description="Serve Prometheus metrics. Defaults to true.")
+    path: str = Field("/metrics", pattern=r"^/[A-Za-z0-9/._\-]*$", description="Where. Defaults to /metrics.")
+    multiprocess_dir: ConfigPath | None = Field(
+        None,
+        description="With several workers: an empty directory for prometheus-client's multiprocess files. "
+        "Defaults to a fresh temporary directory.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _outside_slurmrestd_paths(cls, value: str) -> str:
+        first = value.strip("/").split("/")[0]
+        if first in {"slurm", "slurmdb", "_slurmproxy", ""} or first.startswith("openapi"):
+            raise ValueError(f"metrics path must not be / or under a slurmrestd or /_slurmproxy path, got {value!r}")
+        return value
 
 
 class LogSettings(_Section):
@@ -453,6 +489,7 @@ class Settings(BaseSettings):
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")

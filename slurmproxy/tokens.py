@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from joserfc import jwt
@@ -33,7 +33,7 @@ from slurmproxy.checks import (
 )
 from slurmproxy.claims import ClaimSources, Identity, read_client_secrets, resolve
 from slurmproxy.entitlements import Entitlement, parse_all
-from slurmproxy.errors import AuthenticationError
+from slurmproxy.errors import AuthenticationError, ProxyError
 from slurmproxy.provider import ProviderClient, PublicKey
 from slurmproxy.settings import (
     DEFAULT_FAILURE_CACHE_SECONDS,
@@ -43,6 +43,9 @@ from slurmproxy.settings import (
     Settings,
 )
 from slurmproxy.singleflight import SingleFlightCache
+
+if TYPE_CHECKING:
+    from slurmproxy.metrics import Metrics
 
 __all__ = ["Principal", "TokenValidator", "build_validator", "check_time_claims", "extract_bearer", "token_digest"]
 
@@ -123,7 +126,9 @@ class TokenValidator:
         cache_seconds: float = DEFAULT_TOKEN_CACHE_SECONDS,
         failure_cache_seconds: float = DEFAULT_FAILURE_CACHE_SECONDS,
         client_secrets: Mapping[str, str] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         secrets = client_secrets or {}
         self._providers = dict(providers)
         self._sources = {issuer: ClaimSources(p, secrets.get(issuer)) for issuer, p in self._providers.items()}
@@ -147,18 +152,29 @@ class TokenValidator:
     async def authenticate(self, authorization: Sequence[str]) -> Principal:
         token = extract_bearer(authorization, max_bytes=self._max_token_bytes, check_syntax=False)
         digest = token_digest(token)
-        hit = self._cache.get(digest)  # may raise a refusal or provider failure cached for this token
+        try:
+            hit = self._cache.get(digest)  # may raise a refusal or provider failure cached for this token
+        except ProxyError:
+            self._count_lookup(hit=True)
+            raise
         if hit is not None:
             if hit.key is None:
+                self._count_lookup(hit=True)
                 return hit.principal
             if hit.provider.key_is_current(hit.kid, hit.key):
                 hit.provider.refresh_soon()
+                self._count_lookup(hit=True)
                 return hit.principal
             self._cache.discard(digest)  # the provider no longer publishes the key: verify again
+        self._count_lookup(hit=False)
         check_token_syntax(token)
         shape = self._shape(token)  # checks that need no I/O come first, outside the cache
         validated = await self._cache.compute(digest, lambda: self._validate(token, shape))
         return validated.principal
+
+    def _count_lookup(self, *, hit: bool) -> None:
+        if self._metrics is not None:
+            self._metrics.cache_lookup("token", hit=hit)
 
     async def validate(self, token: str, now: float | None = None) -> Principal:
         """Validate without the cache."""
@@ -246,7 +262,7 @@ class TokenValidator:
             await provider.aclose()
 
 
-def build_validator(settings: Settings, http: httpx.AsyncClient) -> TokenValidator:
+def build_validator(settings: Settings, http: httpx.AsyncClient, metrics: Metrics | None = None) -> TokenValidator:
     """The validator for a running proxy: one provider client per configured issuer, shared ``http``."""
     oidc = settings.oidc
     providers = {
@@ -268,4 +284,5 @@ def build_validator(settings: Settings, http: httpx.AsyncClient) -> TokenValidat
         cache_seconds=oidc.token_cache_seconds,
         failure_cache_seconds=oidc.failure_cache_seconds,
         client_secrets=read_client_secrets(oidc),
+        metrics=metrics,
     )

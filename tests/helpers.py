@@ -121,3 +121,13 @@ def principal(
         parsed_entitlements=parsed.valid,
         malformed_entitlements=parsed.malformed,
     )
+def serve_keys(httpx_mock: Any, signer: Signer, *, jwks_status: int = 200) -> Signer:
+    """Let pytest-httpx answer the test issuer's discovery and key set (reusable, optional)."""
+    httpx_mock.add_response(
+        url=f"{ISSUER}/.well-known/openid-configuration", json=discovery(), is_reusable=True, is_optional=True
+    )
+    if jwks_status == 200:
+        httpx_mock.add_response(url=JWKS_URI, json=signer.jwks(), is_reusable=True, is_optional=True)
+    else:
+        httpx_mock.add_response(url=JWKS_URI, status_code=jwks_status, is_reusable=True)
+    return signer

@@ -224,3 +224,28 @@ async def test_provider_outage_is_503_json_for_a_checkin_token(
     (record,) = audit_lines(tmp_path)
     assert record["decision"] == "error" and record["status"] == 503 and record["reason"] == "provider_unreachable"
     assert token not in (tmp_path / "audit.log").read_text()
+@pytest.mark.parametrize(
+    ("trusted", "client"),
+    [
+        pytest.param([], "203.0.113.5", id="untrusted-peer"),
+        pytest.param(["203.0.113.0/24"], "198.51.100.20", id="trusted-peer"),
+    ],
+)
+async def test_audit_client_comes_from_forwarding_headers_only_behind_a_trusted_proxy(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, trusted: list[str], client: str
+) -> None:
+    httpx_mock.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/job/77", json={"jobs": []})
+    headers = {
+        "Authorization": f"Bearer {signer.token()}",
+        "X-Forwarded-For": "10.6.6.6, 198.51.100.20",
+        "User-Agent": "interlink/1.0",
+    }
+    async with app_client(make_settings(tmp_path, server={"trusted_proxies": trusted})) as http:
+        response = await http.get("/slurm/v0.0.38/job/77", headers=headers)
+    assert response.status_code == 200
+    (record,) = audit_lines(tmp_path)
+    assert record["client"] == client and record["peer"] == "203.0.113.5"
+    assert record["user_agent"] == "interlink/1.0"
+    assert record["vo"] == "vo.example.org" and record["vos"] == ["vo.example.org"]
+    assert record["job_id"] == 77 and record["operation"] == "read-only"
+    assert record["upstream_ms"] is not None and record["latency_ms"] >= record["upstream_ms"]

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from slurmproxy.audit import read_pseudonym_key
 from slurmproxy.claims import read_client_secrets
 from slurmproxy.commands import EXIT_CONFIG, EXIT_OK, add_config_argument
 from slurmproxy.credentials import CredentialError, credentials_from
@@ -29,6 +30,8 @@ def validate(config: Path | None) -> Settings:
     credentials_from(settings.upstream)
     check_identity_config(settings.identity)
     read_client_secrets(settings.oidc)
+    if settings.audit.pseudonym_key_file is not None:
+        read_pseudonym_key(settings.audit.pseudonym_key_file)
     return settings
 
 
@@ -62,18 +65,24 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from slurmproxy.logs import configure_logging
+    from slurmproxy.metrics import prepare_multiprocess, remove_multiprocess_dir
 
     configure_logging(settings.log)
     if args.config is not None:
         os.environ["SLURMPROXY_CONFIG"] = str(args.config.resolve())
-    uvicorn.run(
-        "slurmproxy.app:create_app",
-        factory=True,
-        host=args.host or settings.server.host,
-        port=args.port if args.port is not None else settings.server.port,
-        workers=args.workers or settings.server.workers,
-        **uvicorn_options(settings),
-    )
+    workers = args.workers or settings.server.workers
+    metrics_dir = prepare_multiprocess(settings, workers)
+    try:
+        uvicorn.run(
+            "slurmproxy.app:create_app",
+            factory=True,
+            host=args.host or settings.server.host,
+            port=args.port if args.port is not None else settings.server.port,
+            workers=workers,
+            **uvicorn_options(settings),
+        )
+    finally:
+        remove_multiprocess_dir(metrics_dir)
     return EXIT_OK
 
 
