@@ -6,12 +6,12 @@ import argparse
 from collections.abc import Sequence
 
 from slurmproxy import __version__
-from slurmproxy.commands import EXIT_CONFIG, EXIT_OK, mapping, policy, serve
+from slurmproxy.commands import EXIT_CONFIG, EXIT_OK, audit, mapping, policy, serve
 
 __all__ = ["EXIT_CONFIG", "build_parser", "main"]
 
 # One line per subcommand module; each adds its parsers.
-COMMANDS = [serve, mapping, policy]
+COMMANDS = [serve, mapping, policy, audit]
 
 
 def _version(args: argparse.Namespace) -> int:
