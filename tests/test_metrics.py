@@ -155,15 +155,19 @@ def test_multiprocess_directory_is_prepared_only_for_several_workers(
 ) -> None:
     monkeypatch.delenv(MULTIPROC_ENV, raising=False)
     settings = make_settings(tmp_path)
-    assert prepare_multiprocess(settings, 1) is None and MULTIPROC_ENV not in os.environ
-    created = prepare_multiprocess(settings, 2)
-    assert created is not None and created.is_dir() and os.environ[MULTIPROC_ENV] == str(created)
-    remove_multiprocess_dir(created)
-    assert not created.exists() and MULTIPROC_ENV not in os.environ
+    try:
+        assert prepare_multiprocess(settings, 1) is None and MULTIPROC_ENV not in os.environ
+        created = prepare_multiprocess(settings, 2)
+        assert created is not None and created.is_dir() and os.environ[MULTIPROC_ENV] == str(created)
+        assert prepare_multiprocess(settings, 2) is None, "an operator's (or a parent's) directory is kept"
+        remove_multiprocess_dir(created)
+        assert not created.exists() and MULTIPROC_ENV not in os.environ
 
-    configured = tmp_path / "prom"
-    configured.mkdir()
-    (configured / "counter_123.db").write_bytes(b"stale")
-    settings = make_settings(tmp_path, metrics={"multiprocess_dir": str(configured)})
-    assert prepare_multiprocess(settings, 3) is None
-    assert os.environ[MULTIPROC_ENV] == str(configured) and list(configured.iterdir()) == []
+        configured = tmp_path / "prom"
+        configured.mkdir()
+        (configured / "counter_123.db").write_bytes(b"stale")
+        settings = make_settings(tmp_path, metrics={"multiprocess_dir": str(configured)})
+        assert prepare_multiprocess(settings, 3) is None
+        assert os.environ[MULTIPROC_ENV] == str(configured) and list(configured.iterdir()) == []
+    finally:
+        os.environ.pop(MULTIPROC_ENV, None)  # the process's own metrics must stay in memory for later tests
