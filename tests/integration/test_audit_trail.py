@@ -71,8 +71,8 @@ def busy_proxy(slurm: SlurmCluster, oidc: OidcProvider, proxy_factory: ProxyFact
         slurm,
         [{"issuer": oidc.issuer, "audiences": [PROXY_AUDIENCE]}],
         server={"workers": 2},
-        # slurmrestd serves a limited number of connections at once (--max-connections); with two workers x the
-        # default pool of 100, requests here once waited past the upstream timeout. Sites size the pool below it.
+        # slurmrestd serves a limited number of connections at once: with two workers x the default pool of 100,
+        # one run in two here got 504s (requests waited past the upstream timeout). docs/operations.md, "Sizing".
         upstream={"max_connections": 16},
         audit={"sink": "file", "file": str(tmp_path / "audit" / "audit.log"), "max_bytes": 64 * 1024},
         log={"json": True},
