@@ -111,6 +111,11 @@ class AuditRecord:
         data["vos"] = [vo[:128] for vo in data["vos"]]
         if pseudonym_key is not None and self.subject is not None:
             data["subject"] = pseudonym(pseudonym_key, self.issuer or "", self.subject)
+        detail = data["mapping_detail"]
+        if pseudonym_key is not None and isinstance(detail, dict) and isinstance(detail.get("subject"), str):
+            detail["subject"] = pseudonym(
+                pseudonym_key, str(detail.get("issuer") or self.issuer or ""), detail["subject"]
+            )
         return data
 
     def to_line(self, pseudonym_key: bytes | None = None) -> bytes:

@@ -207,3 +207,19 @@ def test_stdout_sink_writes_one_line(capfd: pytest.CaptureFixture[str]) -> None:
 def test_emit_before_open_fails() -> None:
     with pytest.raises(AuditWriteError):
         AuditLog(AuditSettings()).emit(AuditRecord(request_id="r", method="GET", path="/"))
+
+
+def test_mapping_detail_is_recorded_and_its_subject_pseudonymised() -> None:
+    lease = {"lease": "new", "pool": "vo", "account": "pool001", "leased_at": "2026-11-22T02:17:24+00:00"}
+    record = AuditRecord(request_id="r", method="GET", path="/slurm/v0.0.40/ping", mapping="pool:vo")
+    record.mapping_detail = lease
+    validate(line_of(record))
+    assert line_of(record)["mapping_detail"] == lease
+    admin = AuditRecord(request_id="admin-1", method="ADMIN", path="mapping release", client="cli", issuer=ISSUER)
+    admin.subject, admin.decision, admin.reason, admin.status = "alice@example.org", "allow", "lease_released", 200
+    admin.mapping_detail = {"lease": "released", "issuer": ISSUER, "subject": "alice@example.org", "account": "p1"}
+    data = line_of(admin, KEY)
+    validate(data)
+    assert data["mapping_detail"]["subject"] == data["subject"] == pseudonym(KEY, ISSUER, "alice@example.org")
+    assert "alice@example.org" not in json.dumps(data)
+    assert admin.mapping_detail["subject"] == "alice@example.org"  # the record itself is left as it was

@@ -8,7 +8,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_httpx import HTTPXMock
 
-from slurmproxy.metrics import MULTIPROC_ENV, prepare_multiprocess, remove_multiprocess_dir
+from slurmproxy.errors import DependencyError
+from slurmproxy.identity.alise import AliseClient
+from slurmproxy.metrics import MULTIPROC_ENV, Metrics, prepare_multiprocess, remove_multiprocess_dir
 from tests.asgi import app_client
 from tests.helpers import UPSTREAM, Signer, make_settings, serve_keys
 
@@ -171,3 +173,26 @@ def test_multiprocess_directory_is_prepared_only_for_several_workers(
         assert os.environ[MULTIPROC_ENV] == str(configured) and list(configured.iterdir()) == []
     finally:
         os.environ.pop(MULTIPROC_ENV, None)  # the process's own metrics must stay in memory for later tests
+
+
+@pytest.mark.anyio
+async def test_alise_lookups_count_cache_results_and_exchanges(tmp_path: Path, httpx_mock: HTTPXMock) -> None:
+    from tests.test_identity_alise import ISS, SUB, Clock, sample, settings, url
+
+    httpx_mock.add_response(url=url(), json=sample("mapping_response.constructed"))
+    httpx_mock.add_response(url=url("other@egi.eu"), status_code=500)
+    metrics = Metrics()
+    alise = AliseClient.create("egi", settings(tmp_path), clock=Clock(), metrics=metrics)
+    try:
+        assert (await alise.lookup(ISS, SUB)).via == "alise"
+        assert (await alise.lookup(ISS, SUB)).via == "cache"
+        with pytest.raises(DependencyError):
+            await alise.lookup(ISS, "other@egi.eu")
+    finally:
+        await alise.aclose()
+    sample_value = metrics.registry.get_sample_value
+    assert sample_value("slurmproxy_cache_requests_total", {"cache": "alise", "result": "miss"}) == 2
+    assert sample_value("slurmproxy_cache_requests_total", {"cache": "alise", "result": "hit"}) == 1
+    assert sample_value("slurmproxy_dependency_requests_total", {"dependency": "alise", "outcome": "2xx"}) == 1
+    assert sample_value("slurmproxy_dependency_requests_total", {"dependency": "alise", "outcome": "5xx"}) == 1
+    assert "apikey" not in metrics.render().decode()

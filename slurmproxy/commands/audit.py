@@ -26,8 +26,8 @@ from slurmproxy.settings import ConfigError, load_settings
 
 FIELDS = [
     "time", "request_id", "decision", "status", "reason", "issuer", "subject", "vo", "vos", "entitlement", "rule",
-    "operation", "mapping", "local_user", "method", "path", "job_id", "upstream_status", "client", "peer",
-    "user_agent", "detail", "latency_ms", "upstream_ms", "schema",
+    "operation", "mapping", "local_user", "mapping_detail", "method", "path", "job_id", "upstream_status", "client",
+    "peer", "user_agent", "detail", "latency_ms", "upstream_ms", "schema",
 ]  # fmt: skip
 TABLE = [
     ("TIME", "time", 19), ("DECISION", "decision", 8), ("STATUS", "status", 6), ("SUBJECT", "subject", 36),
@@ -68,6 +68,8 @@ def write_json(records: Iterable[Record], out: TextIO) -> int:
 def _csv_value(value: Any) -> Any:
     if value is None:
         return ""
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     return ";".join(value) if isinstance(value, list) else value
 
 

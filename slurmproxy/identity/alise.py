@@ -32,7 +32,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote_plus
 
 import httpx
@@ -41,6 +41,9 @@ from cachetools import LRUCache, TTLCache
 from slurmproxy import __version__
 from slurmproxy.errors import DependencyError, IdentityMappingError
 from slurmproxy.settings import AliseSettings, ConfigError
+
+if TYPE_CHECKING:
+    from slurmproxy.metrics import Metrics
 
 logger = logging.getLogger("slurmproxy.identity.alise")
 Key = tuple[str, str]
@@ -109,7 +112,9 @@ class AliseClient:
         apikey: str,
         *,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self.name = name
         self.settings = settings
         self._http = http
@@ -126,9 +131,11 @@ class AliseClient:
     @classmethod
     def create(cls, name: str, settings: AliseSettings, **kwargs: Any) -> AliseClient:
         """A client with its own connection pool and timeouts; the API key is read from its file."""
+        transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=settings.max_connections))
+        metrics: Metrics | None = kwargs.get("metrics")
         http = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.timeout_seconds, connect=settings.connect_timeout_seconds),
-            limits=httpx.Limits(max_connections=settings.max_connections),
+            transport=metrics.transport("alise", transport) if metrics is not None else transport,
             follow_redirects=False,
             trust_env=False,
             headers={"Accept": "application/json", "User-Agent": f"slurmproxy/{__version__}"},
@@ -148,6 +155,8 @@ class AliseClient:
 
     async def lookup(self, issuer: str, subject: str) -> AliseAnswer:
         key = (issuer, subject)
+        if self._metrics is not None:
+            self._metrics.cache_lookup("alise", hit=key in self._hits or key in self._misses)
         if key in self._hits:
             return AliseAnswer(self._hits[key], "cache")
         if key in self._misses:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from slurmproxy.identity.alise import AliseClient, read_apikey
 from slurmproxy.identity.guard import AccountGuard
@@ -12,6 +13,9 @@ from slurmproxy.identity.mapper import IdentityMapper
 from slurmproxy.identity.pool import LeaseStore, Pools
 from slurmproxy.policy import Policy, PolicyError
 from slurmproxy.settings import ConfigError, IdentitySettings
+
+if TYPE_CHECKING:
+    from slurmproxy.metrics import Metrics
 
 
 def check_policy_backends(policy: Policy, settings: IdentitySettings) -> None:
@@ -51,13 +55,13 @@ def open_lease_store(settings: IdentitySettings) -> LeaseStore | None:
 
 
 @asynccontextmanager
-async def open_identity(settings: IdentitySettings) -> AsyncIterator[IdentityMapper]:
+async def open_identity(settings: IdentitySettings, metrics: Metrics | None = None) -> AsyncIterator[IdentityMapper]:
     """The mapper with its ALISE clients and lease database; closes them on exit."""
     alise: dict[str, AliseClient] = {}
     store = None
     try:
         for name, alise_settings in settings.alise.items():
-            alise[name] = AliseClient.create(name, alise_settings)
+            alise[name] = AliseClient.create(name, alise_settings, metrics=metrics)
         store = open_lease_store(settings) if settings.pools else None
         yield IdentityMapper(AccountGuard(settings), alise=alise, pools=Pools(store) if store else None)
     finally:
