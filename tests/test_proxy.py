@@ -224,6 +224,8 @@ async def test_provider_outage_is_503_json_for_a_checkin_token(
     (record,) = audit_lines(tmp_path)
     assert record["decision"] == "error" and record["status"] == 503 and record["reason"] == "provider_unreachable"
     assert token not in (tmp_path / "audit.log").read_text()
+
+
 @pytest.mark.parametrize(
     ("trusted", "client"),
     [
