@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,9 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def busy_proxy(slurm: SlurmCluster, oidc: OidcProvider, proxy_factory: ProxyFactory, tmp_path: Path) -> ProxyServer:
+def busy_proxy(
+    slurm: SlurmCluster, oidc: OidcProvider, proxy_factory: ProxyFactory, tmp_path: Path
+) -> Iterator[ProxyServer]:
     config = proxy_config(
         slurm,
         [{"issuer": oidc.issuer, "audiences": [PROXY_AUDIENCE]}],
@@ -77,7 +80,11 @@ def busy_proxy(slurm: SlurmCluster, oidc: OidcProvider, proxy_factory: ProxyFact
         audit={"sink": "file", "file": str(tmp_path / "audit" / "audit.log"), "max_bytes": 64 * 1024},
         log={"json": True},
     )
-    return proxy_factory(config, {"site.yaml": site_policy(oidc.issuer)})
+    server = proxy_factory(config, {"site.yaml": site_policy(oidc.issuer)})
+    yield server
+    # Stopped now, not at the end of the session: its idle pooled connections count against slurmrestd's
+    # connection limit, and later tests on the same cluster need them.
+    server.stop()
 
 
 def test_a_thousand_concurrent_requests_leave_exactly_a_thousand_valid_records(
