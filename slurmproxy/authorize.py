@@ -33,11 +33,7 @@ class Authorized:
 
 def _note(record: AuditRecord, decision: Decision) -> None:
     if decision.rule is not None and decision.operation is not None:
-        record.rule, record.operation, record.entitlement = (
-            decision.rule.id,
-            decision.operation.group,
-            decision.entitlement,
-        )
+        record.set_decision(decision)  # rule, operation, entitlement and its VO
 
 
 async def authorize(

@@ -93,6 +93,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 lambda: load_runtime_policy(settings),
                 lambda new: setattr(runtime, "policy", new),
                 policy,
+                observe=lambda ok, rules: metrics.policy_load(ok, rules=rules),
             )
             async with reloading(runtime.policy_reloader, settings.policy.reload_interval_seconds):
                 yield runtime

@@ -121,6 +121,8 @@ def principal(
         parsed_entitlements=parsed.valid,
         malformed_entitlements=parsed.malformed,
     )
+
+
 def serve_keys(httpx_mock: Any, signer: Signer, *, jwks_status: int = 200) -> Signer:
     """Let pytest-httpx answer the test issuer's discovery and key set (reusable, optional)."""
     httpx_mock.add_response(

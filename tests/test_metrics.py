@@ -11,8 +11,8 @@ from pytest_httpx import HTTPXMock
 from slurmproxy.errors import DependencyError
 from slurmproxy.identity.alise import AliseClient
 from slurmproxy.metrics import MULTIPROC_ENV, Metrics, prepare_multiprocess, remove_multiprocess_dir
-from tests.asgi import app_client
-from tests.helpers import UPSTREAM, Signer, make_settings, serve_keys
+from tests.asgi import app_client, app_session
+from tests.helpers import UPSTREAM, Signer, basic_policy, make_settings, serve_keys, write_policy
 
 PING = "/slurm/v0.0.40/ping"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -196,3 +196,23 @@ async def test_alise_lookups_count_cache_results_and_exchanges(tmp_path: Path, h
     assert sample_value("slurmproxy_dependency_requests_total", {"dependency": "alise", "outcome": "2xx"}) == 1
     assert sample_value("slurmproxy_dependency_requests_total", {"dependency": "alise", "outcome": "5xx"}) == 1
     assert "apikey" not in metrics.render().decode()
+
+
+@pytest.mark.anyio
+async def test_policy_reloads_move_the_policy_metrics(
+    tmp_path: Path, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLURMPROXY_POLICY__RELOAD_INTERVAL_SECONDS", "0")  # no watcher: reloads only when asked
+    async with app_session(make_settings(tmp_path)) as (client, state):
+        reloader = state["runtime"].policy_reloader
+        (tmp_path / "policies" / "policy.yaml").write_text("rules: [")
+        assert await reloader.reload("test") is False
+        broken = await scrape(client)
+        write_policy(tmp_path / "policies", basic_policy(id="renamed"))
+        assert await reloader.reload("test") is True
+        fixed = await scrape(client)
+    assert value(broken, "slurmproxy_policy_loads_total", result="failure") == 1
+    assert value(broken, "slurmproxy_policy_last_load_success") == 0
+    assert value(fixed, "slurmproxy_policy_loads_total", result="success") == 2  # start-up and the reload
+    assert value(fixed, "slurmproxy_policy_last_load_success") == 1
+    assert value(fixed, "slurmproxy_policy_rules") == 1

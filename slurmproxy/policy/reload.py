@@ -92,7 +92,9 @@ class PolicyReloader:
         policy: Policy,
         *,
         clock: Callable[[], float] = time.time,
+        observe: Callable[[bool, int | None], None] | None = None,
     ) -> None:
+        self._observe = observe  # told every reload's outcome (ok, rules): the metrics
         self._paths = list(paths)
         self._load = load
         self._apply = apply
@@ -117,6 +119,8 @@ class PolicyReloader:
         self.status.ok, self.status.errors = True, []
         self.status.digest, self.status.rules, self.status.loaded_at = policy.digest, len(policy.rules), now
         self.status.reloads += 1
+        if self._observe is not None:
+            self._observe(True, len(policy.rules))
         logger.info(
             "policy reloaded (%s): %d rule(s), digest %s%s",
             trigger,
@@ -129,6 +133,8 @@ class PolicyReloader:
         self._loaded = seen
         self.status.ok, self.status.errors = False, errors
         self.status.failures += 1
+        if self._observe is not None:
+            self._observe(False, None)
         logger.error(
             "policy reload (%s) failed; keeping the policy loaded at %s (digest %s):\n%s",
             trigger,
