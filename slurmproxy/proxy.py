@@ -173,6 +173,7 @@ class ProxyEndpoint:
         )
         decision = authorized.decision
         assert decision.rule is not None and decision.operation is not None
+        runtime.rate_limiter.check(decision.rule, principal, decision.entitlement)
 
         await runtime.apis.check(path)  # 404 for an API version slurmrestd does not serve
         account = await runtime.mapper.map(policy, decision.rule, principal)

@@ -17,6 +17,7 @@ from slurmproxy.policy import Policy, load_policy
 from slurmproxy.policy.reload import PolicyReloader, reloading
 from slurmproxy.policy.stats import PolicyStats
 from slurmproxy.provider import ProviderClient
+from slurmproxy.ratelimit import RateLimiter
 from slurmproxy.settings import Settings
 from slurmproxy.tokens import TokenValidator, build_validator
 from slurmproxy.upstream import create_client
@@ -37,6 +38,7 @@ class Runtime:
     metrics: Metrics
     policy_reloader: PolicyReloader | None = None  # swaps `policy` on SIGHUP and file changes
     policy_stats: PolicyStats = field(default_factory=PolicyStats)
+    rate_limiter: RateLimiter = field(default_factory=RateLimiter)
 
     @property
     def api_versions(self) -> tuple[str, ...]:

@@ -213,6 +213,7 @@ def _compile_rule(
         mapping=tuple(mapping),
         claims={name: tuple(values) for name, values in (spec.claims or {}).items()},
         job=compile_job(spec, where, errors),
+        rate_limit=spec.rate_limit,
     )
 
 

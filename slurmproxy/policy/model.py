@@ -99,6 +99,36 @@ class JobSpec(_Model):
         return self
 
 
+class BucketSpec(_Model):
+    """A token bucket: ``requests`` per ``period_seconds`` sustained, up to ``burst`` at once."""
+
+    requests: float = Field(gt=0, description="Sustained rate: this many requests per `period_seconds`.")
+    period_seconds: float = Field(1.0, gt=0, le=86400, description="The period of `requests`. Defaults to 1.")
+    burst: int | None = Field(None, ge=1, description="Requests allowed at once. Defaults to `requests` (at least 1).")
+
+    @property
+    def capacity(self) -> float:
+        return float(self.burst) if self.burst is not None else max(1.0, float(int(self.requests)))
+
+    @property
+    def rate(self) -> float:
+        """Tokens added per second."""
+        return self.requests / self.period_seconds
+
+
+class RateLimitSpec(_Model):
+    """Per-rule rate limits; each caller the rule admits gets its own buckets (see slurmproxy.ratelimit)."""
+
+    per_identity: BucketSpec | None = Field(None, description="One bucket per issuer + subject.")
+    per_vo: BucketSpec | None = Field(None, description="One bucket per VO of the entitlement that admitted.")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> RateLimitSpec:
+        if self.per_identity is None and self.per_vo is None:
+            raise ValueError("rate_limit needs per_identity, per_vo or both")
+        return self
+
+
 class RuleSpec(_Model):
     id: str
     description: str = ""
@@ -113,6 +143,7 @@ class RuleSpec(_Model):
     allow: list[str | OperationSpec] = Field(min_length=1, description="Operation groups or inline operations.")
     mapping: list[MappingStep] = Field(min_length=1, description="Mapping backends, tried in order.")
     job: JobSpec | None = Field(None, description="Constraints on job submissions and updates under this rule.")
+    rate_limit: RateLimitSpec | None = Field(None, description="Request rate limits. Default: none.")
 
     @field_validator("id")
     @classmethod

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from slurmproxy.entitlements import Entitlement, EntitlementRequirement
 from slurmproxy.policy.limits import JobLimits
+from slurmproxy.policy.model import RateLimitSpec
 from slurmproxy.policy.operations import Operation
 from slurmproxy.tokens import Principal
 
@@ -46,6 +47,7 @@ class Rule:
     mapping: tuple[MappingStep, ...]
     claims: Mapping[str, tuple[ClaimValue, ...]] = field(default_factory=dict)
     job: JobLimits | None = None
+    rate_limit: RateLimitSpec | None = None
 
     @property
     def groups(self) -> tuple[str, ...]:
