@@ -26,6 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from slurmproxy.errors import DependencyError
+from slurmproxy.httpserver import BodyDeadline
 from slurmproxy.logs import configure_logging
 from slurmproxy.metrics import metrics_routes
 from slurmproxy.proxy import ProxyEndpoint
@@ -123,6 +124,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route(f"{PREFIX}/ready", ready, methods=["GET"]),
         Route(f"{PREFIX}/whoami", WhoamiEndpoint(), methods=["GET"]),
         *metrics_routes(final_settings),
-        Route("/{path:path}", ProxyEndpoint()),
+        Route("/{path:path}", BodyDeadline(ProxyEndpoint())),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

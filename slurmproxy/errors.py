@@ -10,9 +10,11 @@ and a human-readable ``detail`` that never contains a token or a secret::
     ├── AuthorizationError (403)       which rule (or none) denied the request
     ├── IdentityMappingError (403)     why no safe local account could be chosen
     ├── NotFoundError (404)            not a path the proxy serves
+    ├── RequestTimeoutError (408)      the client was too slow sending headers or body
     ├── PayloadTooLargeError (413)
     ├── UnsupportedMediaTypeError (415)
     ├── RateLimitedError (429)
+    ├── HeadersTooLargeError (431)
     ├── DependencyError (503)          an identity provider or mapping service failed
     ├── UpstreamError (502)            slurmrestd unreachable or broken
     └── UpstreamTimeoutError (504)
@@ -85,6 +87,11 @@ class MethodNotAllowedError(ProxyError):
     default_reason = "method_not_allowed"
 
 
+class RequestTimeoutError(ProxyError):
+    status_code = 408
+    default_reason = "request_timeout"
+
+
 class PayloadTooLargeError(ProxyError):
     status_code = 413
     default_reason = "body_too_large"
@@ -98,6 +105,11 @@ class UnsupportedMediaTypeError(ProxyError):
 class RateLimitedError(ProxyError):
     status_code = 429
     default_reason = "rate_limited"
+
+
+class HeadersTooLargeError(ProxyError):
+    status_code = 431
+    default_reason = "header_too_large"
 
 
 class UpstreamError(ProxyError):

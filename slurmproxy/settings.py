@@ -46,6 +46,11 @@ DEFAULT_TOKEN_CACHE_SECONDS = 300
 DEFAULT_TOKEN_CACHE_SIZE = 10_000
 DEFAULT_FAILURE_CACHE_SECONDS = 5.0
 DEFAULT_POLICY_RELOAD_INTERVAL_SECONDS = 2.0
+DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
+DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
+DEFAULT_KEEP_ALIVE_SECONDS = 5
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_MAX_CONNECTIONS = 1000
 
 ClaimSource = Literal["token", "userinfo", "introspection"]
 DEFAULT_AUDIT_MAX_BYTES = 100 * 1024 * 1024
@@ -88,6 +93,47 @@ class ServerSettings(_Section):
         description="Peers (addresses or CIDRs) whose X-Forwarded-For is believed for the audit record's client "
         "address. Defaults to none: the client is the TCP peer.",
     )
+    header_timeout_seconds: float = Field(
+        DEFAULT_HEADER_TIMEOUT_SECONDS,
+        gt=0,
+        le=300,
+        description="Time a client has to send a request's line and headers, from its first byte (or from "
+        "connecting); 408 and close after it. Defaults to 10.",
+    )
+    body_timeout_seconds: float = Field(
+        DEFAULT_BODY_TIMEOUT_SECONDS,
+        gt=0,
+        le=3600,
+        description="Time a client has to send a whole request body once the proxy reads it; 408 after it. "
+        "Defaults to 30.",
+    )
+    keep_alive_seconds: int = Field(
+        DEFAULT_KEEP_ALIVE_SECONDS,
+        ge=1,
+        le=300,
+        description="Idle keep-alive connections close after it. Defaults to 5.",
+    )
+    max_header_bytes: int = Field(
+        DEFAULT_MAX_HEADER_BYTES,
+        ge=4096,
+        le=1024 * 1024,
+        description="Largest request line plus headers accepted (431 above). Defaults to 64 KiB.",
+    )
+    max_connections: int = Field(
+        DEFAULT_MAX_CONNECTIONS,
+        ge=1,
+        description="Open connections (or requests in progress) per worker beyond which requests get 503. "
+        "Defaults to 1000.",
+    )
+
+    @model_validator(mode="after")
+    def _headers_fit_a_token(self) -> ServerSettings:
+        if self.max_header_bytes < self.max_token_bytes + 1024:
+            raise ValueError(
+                f"max_header_bytes ({self.max_header_bytes}) must exceed max_token_bytes ({self.max_token_bytes}) "
+                "by at least 1024"
+            )
+        return self
 
 
 def _http_url(value: str | None) -> str | None:

@@ -47,6 +47,8 @@ def validated(config: Path | None) -> Settings | None:
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    from slurmproxy.httpserver import server_options
+
     return {
         "loop": "uvloop",
         "http": "httptools",
@@ -55,6 +57,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "proxy_headers": False,
         "log_config": None,
         "timeout_graceful_shutdown": 30,
+        **server_options(settings),  # slow and abusive clients: see slurmproxy/httpserver.py
     }
 
 
