@@ -119,11 +119,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 warm.cancel()
                 await asyncio.gather(warm, return_exceptions=True)
 
+    proxy = BodyDeadline(ProxyEndpoint())
     routes = [
         Route(f"{PREFIX}/live", live, methods=["GET"]),
         Route(f"{PREFIX}/ready", ready, methods=["GET"]),
         Route(f"{PREFIX}/whoami", WhoamiEndpoint(), methods=["GET"]),
         *metrics_routes(final_settings),
-        Route("/{path:path}", BodyDeadline(ProxyEndpoint())),
+        Route("/{path:path}", proxy),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    # Targets no route matches (a decoded CR/LF in the path, "*") still get the proxy's JSON 400 and a record.
+    app.router.default = proxy
+    return app

@@ -174,6 +174,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # -- requests
     def on_headers_complete(self) -> None:
         self._disarm()
+        if self.parser.get_http_version() not in ("1.0", "1.1"):
+            # llhttp reads "GET /x?a=<CR><LF>Name: v" as HTTP/0.9 followed by headers: never valid.
+            self._refusal = BadRequestError("the request line has no HTTP/1.x version", reason="bad_http")
+            raise _Refused
         self._request_active = True
         limit = self._limits.max_connections
         if len(self.connections) > limit or len(self.tasks) >= limit:

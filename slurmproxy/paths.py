@@ -9,6 +9,7 @@ and non-ASCII bytes are refused with 400 rather than interpreted.
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote_plus
 
 from slurmproxy.errors import BadRequestError
 
@@ -17,6 +18,9 @@ _SEGMENT = re.compile(r"[A-Za-z0-9_~\-][A-Za-z0-9._~\-]*")
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _QUERY_OK = re.compile(rb"[\x21-\x7e]*")
+# RFC 6750 §2.3: a bearer token in the URI query. Never accepted, and refused rather than forwarded:
+# slurmrestd and anything between would log it.
+TOKEN_PARAMETERS = frozenset({"access_token"})
 
 
 def _decode_unreserved(raw: bytes) -> bytes:
@@ -60,4 +64,11 @@ def canonical_path(raw: bytes) -> str:
 def check_query(query: bytes) -> bytes:
     if not _QUERY_OK.fullmatch(query):
         raise BadRequestError("the query string has characters that are not printable ASCII", reason="bad_query")
+    for part in query.split(b"&"):
+        name = unquote_plus(part.split(b"=", 1)[0].decode("ascii")).strip().lower()
+        if name in TOKEN_PARAMETERS:
+            raise BadRequestError(
+                "a token in the query string is never accepted; send it in the Authorization header",
+                reason="token_in_query",
+            )
     return query

@@ -96,6 +96,7 @@ def test_serve_uses_the_guarded_protocol() -> None:
         pytest.param(b"GET / HTTP/1.1\r\nX-A: a\rX-SLURM-USER-NAME: root\r\n\r\n", 400, "bad_http", id="bare-cr"),
         pytest.param(b"GET / HTTP/1.1\r\nX-A: a\r\n X-SLURM-USER-NAME: root\r\n\r\n", 400, "bad_http", id="fold"),
         pytest.param(b"GET / HTTP/1.1\r\nX-A: a\x00b\r\n\r\n", 400, "bad_http", id="nul"),
+        pytest.param(b"GET /?a=\r\nX-SLURM-USER-NAME: root HTTP/1.1\r\n\r\n", 400, "bad_http", id="http-0.9"),
         pytest.param(
             b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             400,

@@ -65,3 +65,23 @@ def test_query_must_be_printable_ascii() -> None:
     assert check_query(b"update_time=1&flags=x") == b"update_time=1&flags=x"
     with pytest.raises(BadRequestError):
         check_query(b"a=\r\nX-Injected: 1")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        pytest.param(b"access_token=eyJ.x.y", id="plain"),
+        pytest.param(b"update_time=1&ACCESS_TOKEN=x", id="upper-case"),
+        pytest.param(b"access%5Ftoken=x", id="encoded-name"),
+        pytest.param(b"access_token", id="no-value"),
+    ],
+)
+def test_token_in_query_is_refused(query: bytes) -> None:
+    with pytest.raises(BadRequestError) as err:
+        check_query(query)
+    assert err.value.reason == "token_in_query"
+    assert b"eyJ" not in err.value.detail.encode()
+
+
+def test_other_query_parameters_pass() -> None:
+    assert check_query(b"token_type=x&my_access_token_note=1") == b"token_type=x&my_access_token_note=1"
