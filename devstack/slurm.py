@@ -347,6 +347,18 @@ class SlurmCluster:
             proc.wait(timeout=5)
             self._procs.pop("slurmrestd", None)
 
+    def pause_slurmrestd(self) -> None:
+        """SIGSTOP slurmrestd: connections are still accepted by the kernel but never answered."""
+        proc = self._procs.get("slurmrestd")
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGSTOP)
+
+    def resume_slurmrestd(self) -> None:
+        """SIGCONT slurmrestd after :meth:`pause_slurmrestd`; requests it held are then answered."""
+        proc = self._procs.get("slurmrestd")
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+
     def start_slurmrestd(self) -> None:
         """(Re)start slurmrestd on the same port; returns when ``GET /openapi/v3`` answers."""
         assert self._runtime is not None

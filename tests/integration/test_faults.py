@@ -1,0 +1,217 @@
+"""Faults with real processes: slurmrestd killed under load, slurmctld stopped, the proxy stopped
+with SIGTERM under load. Every request gets an answer (or a clean refusal) within a bound, and the
+audit log has exactly one record per answer."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from devstack import SlurmCluster
+from devstack.provider import PROXY_AUDIENCE, OidcProvider
+from devstack.proxy import ProxyServer
+from tests.integration.conftest import ProxyFactory, call, ping_up, proxy_config, records_for, site_policy
+
+BOUND = 45.0  # seconds: a request not answered within it counts as hung
+
+
+@dataclass
+class Outcome:
+    request_id: str
+    started: float
+    elapsed: float
+    status: int | None = None
+    reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Load:
+    """Worker threads sending one request after another (a fresh connection each) until stopped."""
+
+    url: str
+    token: str
+    prefix: str
+    workers: int = 4
+    stop_when_refused: bool = False
+    outcomes: list[Outcome] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> Load:
+        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _run(self, worker: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            rid = f"{self.prefix}-{worker}-{n}"
+            n += 1
+            started = time.monotonic()
+            outcome = Outcome(rid, started, 0.0)
+            try:
+                response = httpx.get(
+                    self.url, headers={"Authorization": f"Bearer {self.token}", "X-Request-ID": rid}, timeout=BOUND
+                )
+                outcome.status = response.status_code
+                if response.headers.get("content-type", "").startswith("application/json"):
+                    outcome.reason = (response.json().get("slurmproxy") or {}).get("reason")
+            except httpx.HTTPError as exc:
+                outcome.error = type(exc).__name__
+            outcome.elapsed = time.monotonic() - started
+            self.outcomes.append(outcome)
+            if outcome.error == "ConnectError" and self.stop_when_refused:
+                return
+            time.sleep(0.02)
+
+    def wait_for(self, predicate: Callable[[list[Outcome]], bool], what: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(list(self.outcomes)):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {Counter(self.summary())}"
+            time.sleep(0.1)
+
+    def stop(self) -> list[Outcome]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(BOUND + 10)
+        assert not any(t.is_alive() for t in self._threads), "a request hung"
+        return list(self.outcomes)
+
+    def summary(self) -> list[str]:
+        return [f"{o.status}/{o.reason}" if o.error is None else o.error for o in self.outcomes]
+
+
+def answered(outcomes: list[Outcome]) -> list[Outcome]:
+    return [o for o in outcomes if o.status is not None]
+
+
+@pytest.fixture(scope="module")
+def faulty(slurm: SlurmCluster, oidc: OidcProvider, proxy_factory: ProxyFactory) -> ProxyServer:
+    issuer = {"issuer": oidc.issuer, "audiences": [PROXY_AUDIENCE]}
+    config = proxy_config(slurm, [issuer], upstream={"timeout_seconds": 20, "connect_timeout_seconds": 3})
+    return proxy_factory(config, {"site.yaml": site_policy(oidc.issuer)})
+
+
+def test_slurmrestd_killed_and_restarted_under_load(
+    faulty: ProxyServer, slurm: SlurmCluster, oidc: OidcProvider, api: str, request_id: str
+) -> None:
+    load = Load(faulty.url + f"{api}/jobs", oidc.client_credentials_token("alice-cli"), request_id).start()
+    try:
+        load.wait_for(lambda o: sum(x.status == 200 for x in o) >= 10, "answers before the fault")
+        killed_at = time.monotonic()
+        slurm.kill_slurmrestd()
+        load.wait_for(lambda o: sum(x.status == 502 and x.started > killed_at for x in o) >= 5, "502s")
+        slurm.start_slurmrestd()
+        restarted_at = time.monotonic()
+        load.wait_for(lambda o: sum(x.status == 200 and x.started > restarted_at for x in o) >= 10, "recovery")
+    finally:
+        slurm.start_slurmrestd()
+        outcomes = load.stop()
+    assert [o for o in outcomes if o.error is not None] == [], "every request gets an answer"
+    assert max(o.elapsed for o in outcomes) < BOUND
+    assert {(o.status, o.reason) for o in outcomes} <= {(200, None), (502, "upstream_unreachable"), (503, None)}
+    assert [o.status for o in outcomes[-8:]] == [200] * 8, "recovered without a proxy restart"
+    records = {r["request_id"]: r for r in faulty.audit_records() if r["request_id"].startswith(request_id)}
+    assert len(records) == len(outcomes)
+    assert all(records[o.request_id]["status"] == o.status for o in outcomes)
+    assert {r["decision"] for r in records.values() if r["status"] == 502} == {"error"}
+
+
+def _node_idle(slurm: SlurmCluster, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while "idle" not in slurm.slurm_cmd(["sinfo", "-h", "-o", "%t"], check=False).stdout:
+        assert time.monotonic() < deadline, "the node did not come back after slurmctld restarted"
+        time.sleep(0.5)
+
+
+def test_slurmctld_stopped_gives_slurmrestds_json_errors(
+    faulty: ProxyServer, slurm: SlurmCluster, oidc: OidcProvider, api: str, request_id: str
+) -> None:
+    token = oidc.client_credentials_token("alice-cli")
+    slurm.stop_slurmctld()
+    try:
+        jobs = call(faulty, "GET", f"{api}/jobs", token=token, request_id=f"{request_id}-jobs")
+        ping = call(faulty, "GET", f"{api}/ping", token=token, request_id=f"{request_id}-ping")
+    finally:
+        slurm.start_slurmctld()
+        _node_idle(slurm)
+    # 22.05 answers 500 (slurm_load_jobs: Unspecified error), 24.11 502 (Unable to contact slurm controller).
+    assert jobs.status_code in {500, 502}, jobs.text[:300]
+    assert jobs.headers["content-type"].startswith("application/json")
+    errors = jobs.json()["errors"]
+    assert errors and all(e.get("source") != "slurmproxy" for e in errors)
+    assert any("slurm_load_jobs" in str(e) or "controller" in str(e).lower() for e in errors), errors
+    (record,) = records_for(faulty, f"{request_id}-jobs")
+    assert record["upstream_status"] == record["status"] == jobs.status_code and record["local_user"] == "alice"
+    # ping is not an auth or health check in 24.11: 200 with the controller DOWN; 22.05 says 500.
+    assert ping.status_code in {200, 500} and not ping_up(ping.json())
+    again = call(faulty, "GET", f"{api}/jobs", token=token)
+    assert again.status_code == 200, again.text[:300]
+
+
+def _requests_waiting_at(port: int) -> int:
+    """Connections to ``port`` with unread bytes: requests a stopped slurmrestd holds (from /proc)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        rx_queue = int(fields[4].split(":")[1], 16)
+        if local_port == port and fields[3] == "01" and rx_queue > 0:
+            count += 1
+    return count
+
+
+def test_sigterm_under_load_completes_in_flight_requests_and_refuses_new_ones(
+    slurm: SlurmCluster, oidc: OidcProvider, proxy_factory: ProxyFactory, api: str, request_id: str
+) -> None:
+    issuer = {"issuer": oidc.issuer, "audiences": [PROXY_AUDIENCE]}
+    server = proxy_factory(proxy_config(slurm, [issuer]), {"site.yaml": site_policy(oidc.issuer)})
+    assert server.proc is not None
+    token = oidc.client_credentials_token("alice-cli")
+    load = Load(server.url + f"{api}/jobs", token, request_id, workers=6, stop_when_refused=True).start()
+    try:
+        load.wait_for(lambda o: sum(x.status == 200 for x in o) >= 10, "answers before SIGTERM")
+        slurm.pause_slurmrestd()
+        # Every worker now has a request in flight, held at slurmrestd.
+        deadline = time.monotonic() + 30
+        while _requests_waiting_at(slurm.restd_port) < load.workers:
+            assert time.monotonic() < deadline, "requests did not reach slurmrestd"
+            time.sleep(0.05)
+        in_flight = len(load.outcomes)
+        signalled = time.monotonic()
+        server.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while True:  # the listening socket closes first: new connections are refused
+            try:
+                httpx.get(server.url + "/_slurmproxy/live", timeout=2)
+            except httpx.ConnectError:
+                break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the proxy kept accepting connections after SIGTERM"
+            time.sleep(0.05)
+    finally:
+        slurm.resume_slurmrestd()
+    load.wait_for(lambda o: sum(x.error == "ConnectError" for x in o) >= load.workers, "every worker refused")
+    outcomes = load.stop()
+    # uvicorn re-raises the signal once shut down, as init systems expect: "terminated by SIGTERM".
+    assert server.proc.wait(BOUND) in {0, -signal.SIGTERM}
+    assert "Finished server process" in server.log_path.read_text()
+    held = [o for o in outcomes[in_flight:] if o.started < signalled]
+    assert [o for o in outcomes[:in_flight] if o.status != 200] == []
+    assert len(held) == load.workers and {o.status for o in held} == {200}, Counter(load.summary())
+    assert {o.error for o in outcomes if o.status is None} <= {"ConnectError", "RemoteProtocolError"}
+    assert {o.status for o in answered(outcomes)} == {200}
+    records = [r for r in server.audit_records() if r["request_id"].startswith(request_id)]
+    assert len(records) == len(answered(outcomes))
+    assert sorted(r["request_id"] for r in records) == sorted(o.request_id for o in answered(outcomes))
