@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -85,3 +87,45 @@ def test_token_in_query_is_refused(query: bytes) -> None:
 
 def test_other_query_parameters_pass() -> None:
     assert check_query(b"token_type=x&my_access_token_note=1") == b"token_type=x&my_access_token_note=1"
+
+
+_SAFE_SEGMENT = st.from_regex(r"[A-Za-z0-9_~\-][A-Za-z0-9._~\-]{0,10}", fullmatch=True).filter(
+    lambda s: not s.endswith(".")
+)
+
+
+def _encode_some(text: str, mask: list[bool]) -> bytes:
+    return "".join(f"%{ord(c):02{'X' if m else 'x'}}" if m else c for c, m in zip(text, mask, strict=False)).encode()
+
+
+@given(st.lists(_SAFE_SEGMENT, min_size=1, max_size=6), st.data())
+def test_percent_encoding_plain_characters_changes_nothing(segments: list[str], data: st.DataObject) -> None:
+    path = "/" + "/".join(segments)
+    mask = data.draw(st.lists(st.booleans(), min_size=len(path), max_size=len(path)))
+    mask[0] = False  # the leading slash stays a slash
+    for n, char in enumerate(path):
+        if char == "/":
+            mask[n] = False
+    assert canonical_path(_encode_some(path, mask)) == path
+
+
+_HOSTILE = st.lists(
+    st.sampled_from(
+        ["/", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "%00", "%25", ";", "\\", "%", "~", "a", "Z", "9"]
+    )
+    | st.sampled_from(["jobs", "ping", "slurm", "v0.0.40", "%c0%ae", "\u00e9", "%u002e"]),
+    max_size=12,
+)
+
+
+@given(_HOSTILE)
+def test_an_accepted_path_is_the_plain_decoding_of_safe_segments(parts: list[str]) -> None:
+    raw = ("/" + "".join(parts)).encode()
+    try:
+        path = canonical_path(raw)
+    except BadRequestError:
+        return
+    assert path == unquote(raw.decode("ascii"))  # what the policy checks is what slurmrestd would decode
+    for segment in path.strip("/").split("/") if path != "/" else []:
+        assert segment not in {"", ".", ".."} and not segment.endswith(".")
+        assert all(c.isascii() and (c.isalnum() or c in "._~-") for c in segment)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from slurmproxy.upstream import client_headers, response_headers
 
@@ -58,3 +59,46 @@ def test_ordinary_headers_pass() -> None:
 def test_response_hop_by_hop_dropped_length_kept() -> None:
     headers = [(b"Connection", b"keep-alive"), (b"Content-Length", b"2"), (b"Content-Type", b"application/json")]
     assert response_headers(headers) == [(b"Content-Length", b"2"), (b"Content-Type", b"application/json")]
+
+
+_DANGEROUS = ["x-slurm-user-name", "x-slurm-user-token", "x-slurm-anything", "authorization", "host", "expect"]
+_HOP = ["connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization"]
+_ORDINARY = ["accept", "content-type", "user-agent", "x-request-id", "x-slurmproxy-note", "x-slurm", "slurm-user-name"]
+
+
+@st.composite
+def _header_name(draw: st.DrawFn) -> bytes:
+    name = draw(st.sampled_from(_DANGEROUS + _HOP + _ORDINARY) | st.from_regex(r"[A-Za-z0-9_\-]{1,20}", fullmatch=True))
+    mangled = "".join(
+        (c.upper() if draw(st.booleans()) else c.lower())
+        if c.isalpha()
+        else ("_" if c == "-" and draw(st.booleans()) else c)
+        for c in name
+    )
+    return mangled.encode()
+
+
+@settings(max_examples=500)
+@given(st.lists(st.tuples(_header_name(), st.binary(max_size=20)), max_size=12))
+def test_no_spelling_of_a_credential_or_hop_header_ever_passes(headers: list[tuple[bytes, bytes]]) -> None:
+    kept = client_headers(headers)
+    named = {
+        t.strip().lower().replace(b"_", b"-")
+        for n, v in headers
+        if n.lower().replace(b"_", b"-") == b"connection"
+        for t in v.split(b",")
+    }
+    for name, _ in kept:
+        norm = name.lower().replace(b"_", b"-")
+        assert not norm.startswith(b"x-slurm-")
+        assert norm.decode() not in _DANGEROUS + _HOP and norm not in named
+    # Everything else passes unchanged and in order.
+    expected = [
+        (n, v)
+        for n, v in headers
+        if not (n.lower().replace(b"_", b"-").startswith(b"x-slurm-"))
+        and n.lower().replace(b"_", b"-").decode()
+        not in _DANGEROUS + _HOP + ["content-length", "proxy-connection", "proxy-authenticate"]
+        and n.lower().replace(b"_", b"-") not in named
+    ]
+    assert kept == expected
