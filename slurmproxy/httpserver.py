@@ -205,8 +205,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refusal = None
         cycle = self.cycle
         if self._request_active and cycle is not None and not cycle.response_complete:
-            # The proxy is already handling this request (and writes its record); just end it.
-            if not cycle.response_started:
+            # The proxy is already handling this request (and writes its record); just end it. With
+            # pipelined requests queued, an answer written now could interleave with another one.
+            if not cycle.response_started and not self.pipeline:
                 self._write_error(error, self._request_id())
             self.transport.close()
             return
