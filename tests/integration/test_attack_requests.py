@@ -368,13 +368,24 @@ def test_a_body_over_max_body_bytes_is_413_before_anything_is_forwarded(
     mark = restd.mark()
     jobs_before = {j["JobId"] for j in slurm.jobs()}
     huge = json.dumps({**job_body(api, slurm.job_dir("alice")), "padding": "x" * (2 * 1024 * 1024)}).encode()
-    declared = call(proxy, "POST", f"{api}/job/submit", token=token, request_id=f"{request_id}-cl", content=huge)
+    json_type = {"Content-Type": "application/json"}
+    declared = call(
+        proxy, "POST", f"{api}/job/submit", token=token, request_id=f"{request_id}-cl", content=huge, headers=json_type
+    )
 
     def chunks() -> Iterator[bytes]:
         for start in range(0, len(huge), 65536):
             yield huge[start : start + 65536]
 
-    chunked = call(proxy, "POST", f"{api}/job/submit", token=token, request_id=f"{request_id}-te", content=chunks())
+    chunked = call(
+        proxy,
+        "POST",
+        f"{api}/job/submit",
+        token=token,
+        request_id=f"{request_id}-te",
+        content=chunks(),
+        headers=json_type,
+    )
     for response, rid in [(declared, f"{request_id}-cl"), (chunked, f"{request_id}-te")]:
         assert response.status_code == 413, response.text[:300]
         assert response.json()["slurmproxy"]["reason"] == "body_too_large"
@@ -384,16 +395,19 @@ def test_a_body_over_max_body_bytes_is_413_before_anything_is_forwarded(
 
 
 @pytest.mark.parametrize(
-    ("body", "content_type"),
+    ("body", "content_type", "reason"),
     [
-        pytest.param(b"[" * 200_000 + b"]" * 200_000, "application/json", id="deeply-nested-array"),
-        pytest.param(b'{"job":' + b'{"a":' * 100_000 + b"1" + b"}" * 100_001, "application/json", id="nested-object"),
-        pytest.param(b'{"script": "#!/bin/bash\\nid", "job": {', "application/json", id="truncated-json"),
-        pytest.param(b"\xff\xfe{\x00}\x00", "application/json", id="not-utf8"),
-        pytest.param(b"script=id", "application/x-www-form-urlencoded", id="form-body"),
+        pytest.param(b"[" * 200_000 + b"]" * 200_000, "application/json", "bad_json", id="deeply-nested-array"),
+        pytest.param(
+            b'{"job":' + b'{"a":' * 100_000 + b"1" + b"}" * 100_001, "application/json", "bad_json", id="nested-object"
+        ),
+        pytest.param(b'{"script": "#!/bin/bash\\nid", "job": {', "application/json", "bad_json", id="truncated-json"),
+        pytest.param(b"\xff\xfe{\x00}\x00", "application/json", "bad_json", id="not-utf8"),
+        pytest.param(b"script=id", "application/x-www-form-urlencoded", "unsupported_media_type", id="form-body"),
+        pytest.param(b'{"script": "x"}', "text/plain", "unsupported_media_type", id="text-plain"),
     ],
 )
-def test_hostile_bodies_are_refused_and_slurmrestd_survives(
+def test_hostile_bodies_are_refused_by_the_proxy_and_slurmrestd_survives(
     proxy: ProxyServer,
     slurm: SlurmCluster,
     oidc: OidcProvider,
@@ -401,14 +415,18 @@ def test_hostile_bodies_are_refused_and_slurmrestd_survives(
     request_id: str,
     body: bytes,
     content_type: str,
+    reason: str,
 ) -> None:
-    """Today slurmrestd refuses these (the proxy forwards them); with body checks in the proxy, the
-    proxy will. Either way: a 4xx, never a 5xx, one record, no job, and slurmrestd still answers."""
+    """The proxy's job-body checks refuse these before anything is forwarded (a JSON parser's
+    RecursionError included): one record, no job, and slurmrestd still answers."""
     token = oidc.client_credentials_token("alice-cli")
+    restd = RestdLog(slurm)
+    mark = restd.mark()
     jobs_before = {j["JobId"] for j in slurm.jobs()}
     status, answer = _submit_raw(proxy, token, api, request_id, body, [("Content-Type", content_type)])
-    assert 400 <= status < 500, (status, answer.body[:300])
-    assert len(records_for(proxy, request_id)) == 1
+    assert 400 <= status < 500 and answer.reason == reason, (status, answer.body[:300])
+    assert [r["reason"] for r in records_for(proxy, request_id)] == [reason]
+    assert restd.since(mark) == []
     assert {j["JobId"] for j in slurm.jobs()} == jobs_before
     ping = call(proxy, "GET", f"{api}/ping", token=token)
     assert ping.status_code == 200
@@ -435,28 +453,27 @@ def test_a_client_that_vanishes_mid_body_is_recorded(
 
 
 @pytest.mark.parametrize("shape", ["job", "jobs"])
-def test_a_string_group_id_never_takes_slurmrestd_down(
+@pytest.mark.parametrize("group_id", ["alice", 2001], ids=["name", "number"])
+def test_a_group_id_never_reaches_slurmrestd(
     proxy: ProxyServer,
     slurm: SlurmCluster,
     oidc: OidcProvider,
     api: str,
     request_id: str,
     shape: str,
-    request: pytest.FixtureRequest,
+    group_id: str | int,
 ) -> None:
     """Found by the schemathesis run: slurmrestd 24.11 (data_parser v0.0.41 and v0.0.42) exits with
-    ``fatal: invalid type`` on a submit whose ``group_id`` is a string, in ``job`` or in any element of
-    ``jobs``: any user allowed to submit can take slurmrestd down. Today the proxy forwards the body
-    (and answers 502 while slurmrestd is gone); the job-body checks of the policy work (issue 4) must
-    refuse ``group_id``/``user_id`` before forwarding. Until then this is a strict xfail on 24.11, so
-    the run fails once it passes and the marker must go."""
-    if slurm.generation == "24.11":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="slurmrestd 24.11 crash; needs body checks"))
+    ``fatal: invalid type`` on a submit whose ``group_id`` is a string, in ``job`` or in any element
+    of ``jobs``: anyone allowed to submit could take slurmrestd down. The proxy's job-body checks
+    refuse ``group_id`` in both shapes before anything is forwarded; slurmrestd keeps answering."""
+    restd = RestdLog(slurm)
+    mark = restd.mark()
     token = oidc.client_credentials_token("alice-cli")
     job = job_body(api, slurm.job_dir("alice"))
-    body = {"script": job["script"], "job": {**job["job"], "group_id": "alice"}}
+    body: dict[str, Any] = {"script": job["script"], "job": {**job["job"], "group_id": group_id}}
     if shape == "jobs":
-        body = {"script": job["script"], "jobs": [{**job["job"], "group_id": "alice"}]}
+        body = {"script": job["script"], "jobs": [{**job["job"], "group_id": group_id}]}
     try:
         status, answer = _submit_raw(
             proxy, token, api, request_id, json.dumps(body).encode(), [("Content-Type", "application/json")]
@@ -464,5 +481,6 @@ def test_a_string_group_id_never_takes_slurmrestd_down(
         alive = call(proxy, "GET", f"{api}/ping", token=token).status_code == 200
     finally:
         slurm.start_slurmrestd()  # a no-op while it runs
-    assert 400 <= status < 500, (status, answer.body[:300])
+    assert 400 <= status < 500 and answer.json()["errors"][0]["source"] == "slurmproxy", answer.body[:300]
     assert alive, "slurmrestd went down"
+    assert [p for _, p in restd.since(mark) if p.endswith("/job/submit")] == []

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from devstack import SlurmCluster
 from devstack.provider import PROXY_AUDIENCE, OidcProvider
 from devstack.proxy import ProxyServer
 from tests.integration.conftest import ProxyFactory, call, ping_up, proxy_config, records_for, site_policy
+from tests.integration.test_policy import policy_status, wait_for
 
 BOUND = 45.0  # seconds: a request not answered within it counts as hung
 
@@ -215,3 +217,44 @@ def test_sigterm_under_load_completes_in_flight_requests_and_refuses_new_ones(
     records = [r for r in server.audit_records() if r["request_id"].startswith(request_id)]
     assert len(records) == len(answered(outcomes))
     assert sorted(r["request_id"] for r in records) == sorted(o.request_id for o in answered(outcomes))
+
+
+def test_a_policy_file_corrupted_during_live_reload_under_load(
+    slurm: SlurmCluster, oidc: OidcProvider, proxy_factory: ProxyFactory, api: str, request_id: str
+) -> None:
+    """An admin edits the policy in place under load: the reloader sees a broken file (kept out:
+    the last good policy decides), then the finished one (swapped in). No request fails or hangs,
+    every answer comes from one policy or the other, and each has its record."""
+    readers = site_policy(oidc.issuer)
+    readers["rules"][0]["allow"] = ["ping", "read-only"]
+    issuer = {"issuer": oidc.issuer, "audiences": [PROXY_AUDIENCE]}
+    config = proxy_config(slurm, [issuer], policy={"reload_interval_seconds": 0.2})
+    proxy = proxy_factory(config, {"site.yaml": readers})
+    assert proxy.proc is not None
+    pid, digest = proxy.proc.pid, policy_status(proxy)["digest"]
+    target = proxy.workdir / "policies" / "site.yaml"
+    load = Load(proxy.url + f"{api}/jobs", oidc.client_credentials_token("alice-cli"), request_id).start()
+    try:
+        load.wait_for(lambda o: sum(x.status == 200 for x in o) >= 10, "answers before the edit")
+        target.write_text(target.read_text()[:120] + "\n  - {id: half-written, allow: [")  # in place, cut short
+        wait_for("the failed reload", lambda: policy_status(proxy)["failures"] >= 1)
+        broken_seen = len(load.outcomes)
+        load.wait_for(lambda o: len(o) >= broken_seen + 10, "answers while the file is broken")
+        assert {o.status for o in load.outcomes[broken_seen:]} == {200}  # the last good policy decides
+        readers["rules"][0]["allow"] = ["ping"]
+        target.write_text(yaml.safe_dump(readers))
+        wait_for(
+            "the reload",
+            lambda: policy_status(proxy)["digest"] != digest and policy_status(proxy)["status"] == "ok",
+        )
+        reloaded = len(load.outcomes)
+        load.wait_for(lambda o: sum(x.status == 403 for x in o[reloaded:]) >= 10, "answers under the new policy")
+    finally:
+        outcomes = load.stop()
+    assert [o for o in outcomes if o.error is not None] == []
+    assert {(o.status, o.reason) for o in outcomes} <= {(200, None), (403, "operation_not_allowed")}
+    assert {o.status for o in outcomes[reloaded + load.workers :]} == {403}
+    assert proxy.proc.pid == pid and proxy.proc.poll() is None
+    records = {r["request_id"]: r for r in proxy.audit_records() if r["request_id"].startswith(request_id)}
+    assert len(records) == len(outcomes) and all(records[o.request_id]["status"] == o.status for o in outcomes)
+    assert "policy reload (file change) failed" in proxy.log_tail(2000)

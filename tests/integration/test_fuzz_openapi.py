@@ -60,6 +60,25 @@ def read_only(slurm: SlurmCluster, oidc: OidcProvider, proxy_factory: ProxyFacto
     return proxy_factory(proxy_config(slurm, [issuer]), {"readers.yaml": policy})
 
 
+@pytest.fixture(scope="module")
+def writers(slurm: SlurmCluster, oidc: OidcProvider, proxy_factory: ProxyFactory) -> ProxyServer:
+    """alice may also submit, update and cancel, in account vo-a on partition debug only."""
+    policy = {
+        "rules": [
+            {
+                "id": "writers",
+                "entitlements": [MEMBER_ENTITLEMENT],
+                "allow": [*ALLOWED_GROUPS, "submit", "update-own", "cancel-own"],
+                "mapping": [{"table": "users"}],
+                "job": {"accounts": ["vo-a"], "partitions": ["debug"], "max_time": 10, "max_nodes": 1},
+            }
+        ],
+        "tables": {"users": {"entries": [{"issuer": oidc.issuer, "subject": "alice", "user": "alice"}]}},
+    }
+    issuer = {"issuer": oidc.issuer, "audiences": [PROXY_AUDIENCE]}
+    return proxy_factory(proxy_config(slurm, [issuer]), {"writers.yaml": policy})
+
+
 @pytest.fixture
 def alices_job(proxy: ProxyServer, slurm: SlurmCluster, oidc: OidcProvider, api: str) -> Iterator[int]:
     """A running job of alice's that any DELETE or update getting through would touch."""
@@ -138,3 +157,39 @@ def test_fuzzing_slurmrestds_own_api_through_the_proxy(
     assert len(read_only.audit_records()) - records_before == sum(answers.values())
     # The run exercised both sides: requests the policy allows and requests it refuses.
     assert received and any(status == 403 for _, status in answers), answers
+
+
+def test_fuzzing_job_submission_never_crashes_slurmrestd_or_escapes_the_rules_limits(
+    writers: ProxyServer, slurm: SlurmCluster, oidc: OidcProvider, api: str
+) -> None:
+    """With submit, update and cancel allowed, schemathesis's job bodies go through the proxy's body
+    checks: slurmrestd stays up (it crashed on a string ``group_id`` before those checks), the proxy
+    never answers 5xx itself, and every job Slurm accepted runs as alice in the account and
+    partition the rule allows."""
+    token = oidc.client_credentials_token("alice-cli")
+    document = call(writers, "GET", "/openapi/v3", token=token)
+    schema = schemathesis.openapi.from_dict(document.json())
+    strategy = schema.as_strategy(schemathesis.GenerationMode.POSITIVE)
+    jobs_before = {j["JobId"] for j in slurm.jobs()}
+    records_before = len(writers.audit_records())
+    answers: Counter[tuple[str, int]] = Counter()
+    own_5xx: list[str] = []
+
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def fuzz(data: st.DataObject) -> None:
+        case = data.draw(strategy)
+        response = case.call(base_url=writers.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        answers[(case.method.upper(), response.status_code)] += 1
+        if _proxy_own_5xx(response):
+            own_5xx.append(f"{case.method} {case.formatted_path} -> {response.status_code} {response.text[:200]}")
+
+    fuzz()
+    assert own_5xx == [], own_5xx
+    assert len(writers.audit_records()) - records_before == sum(answers.values())
+    assert call(writers, "GET", f"{api}/ping", token=token).status_code == 200, "slurmrestd went down"
+    assert any(method == "POST" and status in {400, 403} for method, status in answers), answers
+    for job in slurm.jobs():
+        if job["JobId"] not in jobs_before:
+            assert job["UserId"] == "alice(2001)" and job["Account"] == "vo-a" and job["Partition"] == "debug", job
+            slurm.slurm_cmd(["scancel", job["JobId"]], check=False)
