@@ -33,7 +33,7 @@ from cachetools import TLRUCache
 from slurmproxy.entitlements import parse
 from slurmproxy.errors import RateLimitedError
 from slurmproxy.policy import Rule
-from slurmproxy.policy.model import BucketSpec
+from slurmproxy.policy.model import BucketSpec, RateLimitSpec
 from slurmproxy.tokens import Principal
 
 DEFAULT_MAX_KEYS = 100_000
@@ -62,6 +62,15 @@ class Bucket:
 
 def _expiry(key: Hashable, bucket: Bucket, now: float) -> float:
     return max(bucket.full_at(), now)
+
+
+def describe(limits: RateLimitSpec) -> str:
+    """For admins: ``per identity 10 per 1 s (burst 20); per VO 600 per 60 s (burst 600)``."""
+    parts = []
+    for what, spec in (("per identity", limits.per_identity), ("per VO", limits.per_vo)):
+        if spec is not None:
+            parts.append(f"{what} {spec.requests:g} per {spec.period_seconds:g} s (burst {spec.capacity:g})")
+    return "; ".join(parts)
 
 
 def vo_of(entitlement: str | None) -> str | None:

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 from pytest_httpx import HTTPXMock
 
+from slurmproxy.cli import main
 from slurmproxy.errors import RateLimitedError
 from slurmproxy.policy import Rule, load_policy
 from slurmproxy.policy.model import BucketSpec, RateLimitSpec, RuleSpec
@@ -225,3 +226,11 @@ async def test_429_reaches_the_client_and_the_audit(tmp_path: Path, httpx_mock: 
     assert refused["rule"] == "members" and refused["subject"] == "alice@example.org"
     assert refused["upstream_status"] is None and refused["local_user"] is None
     assert len([r for r in httpx_mock.get_requests() if str(r.url).startswith(UPSTREAM)]) == 3
+
+
+def test_policy_check_shows_the_rate_limits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    limits = {"per_identity": {"requests": 10, "period_seconds": 1, "burst": 20}, "per_vo": {"requests": 600.5}}
+    directory = write_policy(tmp_path, basic_policy(rate_limit=limits))
+    assert main(["policy", "check", str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert "rate limit: per identity 10 per 1 s (burst 20); per VO 600.5 per 1 s (burst 600)" in out

@@ -28,6 +28,7 @@ from slurmproxy.errors import ProxyError
 from slurmproxy.explain import Explanation, explain
 from slurmproxy.identity import check_policy_backends, open_identity
 from slurmproxy.policy import Policy, PolicyError, load_policy
+from slurmproxy.ratelimit import describe as describe_limits
 from slurmproxy.settings import ConfigError, IdentitySettings, IssuerSettings, Settings, load_settings
 from slurmproxy.tokens import Principal, make_principal
 
@@ -71,6 +72,8 @@ def _describe_rule(n: int, rule: Any) -> list[str]:
     lines.append(f"       mapping: {' -> '.join(str(m) for m in rule.mapping)}")
     if rule.job is not None:
         lines.append(f"       job: {json.dumps(rule.job.describe())}")
+    if rule.rate_limit is not None:
+        lines.append(f"       rate limit: {describe_limits(rule.rate_limit)}")
     return lines
 
 
