@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from slurmproxy.auditfile import AuditFile
 from slurmproxy.entitlements import parse as parse_entitlement
+from slurmproxy.errors import DependencyError
 from slurmproxy.settings import AuditSettings, ConfigError
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ logger = logging.getLogger("slurmproxy.audit")
 SCHEMA = "slurmproxy.audit/1"
 Decision = Literal["allow", "deny", "error"]
 MAX_LINE_BYTES = 4000  # below PIPE_BUF (4096): one write to a pipe is atomic
+ROOM_BYTES = 4 * MAX_LINE_BYTES  # free space below which requests are refused before forwarding (fail_closed)
 MAX_VOS = 16
 MIN_KEY_BYTES = 16
 PSEUDONYM_PREFIX = "hmac:"
@@ -199,6 +201,19 @@ class AuditLog:
         if self._sink is not None:
             self._sink.close()
         self._sink = None
+
+    def check_room(self) -> None:
+        """Called before a request is forwarded: with ``fail_closed``, refuse it (503 ``audit_unavailable``)
+        when the audit file's filesystem is read-only or nearly full. Otherwise slurmrestd would act on
+        it (a job submitted) and only then would the record fail to be written."""
+        if not self._settings.fail_closed or not isinstance(self._sink, AuditFile):
+            return
+        if not self._sink.has_room(ROOM_BYTES):
+            raise DependencyError(
+                "the audit log cannot take more records (its filesystem is full or read-only); refusing "
+                "before anything is forwarded",
+                reason="audit_unavailable",
+            )
 
     def emit(self, record: AuditRecord) -> None:
         record.latency_ms = _ms(record.started)

@@ -89,6 +89,18 @@ class AuditFile:
         assert self._fd is not None
         return self._fd
 
+    def has_room(self, size: int) -> bool:
+        """Whether ``size`` more bytes could be written now: the audit file can be opened, and its
+        filesystem is writable and has that much free space (a ``stat`` and an ``fstatvfs``, a few
+        microseconds). Not a guarantee: quotas and I/O errors show only when writing."""
+        if self._fd is None and self._identity is None:
+            return False  # closed
+        try:
+            fs = os.fstatvfs(self._follow())  # the file the next record goes to (reopened if it was replaced)
+        except OSError:
+            return False
+        return not fs.f_flag & os.ST_RDONLY and fs.f_bavail * fs.f_frsize >= size
+
     def _append(self, fd: int, line: bytes) -> None:
         written = os.write(fd, line)
         if written != len(line):

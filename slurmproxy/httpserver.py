@@ -43,6 +43,7 @@ from slurmproxy.errors import (
     ProxyError,
     RequestTimeoutError,
 )
+from slurmproxy.forwarded import client_address
 from slurmproxy.proxy import request_id_of
 from slurmproxy.responses import error_body, error_response
 from slurmproxy.settings import ServerSettings, Settings
@@ -61,17 +62,22 @@ def _server_settings(state: dict[str, Any]) -> ServerSettings:
     return runtime.settings.server if runtime is not None else _DEFAULTS
 
 
-def emit(state: dict[str, Any], record: AuditRecord, error: ProxyError) -> None:
-    """Write the audit record of a request the server refused before the proxy saw it."""
+def emit(state: dict[str, Any], record: AuditRecord, error: ProxyError, headers: list[tuple[bytes, bytes]]) -> None:
+    """Write the audit record (and count the metrics) of a request refused before the proxy saw it."""
     runtime = state.get("runtime")
     if runtime is None:
         return
+    forwarded = [v.decode("latin-1") for k, v in headers if k == b"x-forwarded-for"]
+    record.client = client_address(record.peer, forwarded, runtime.settings.server.trusted_proxies)
+    agent = next((v for k, v in headers if k == b"user-agent"), b"")
+    record.user_agent = agent[:256].decode("latin-1") or None
     record.status, record.reason, record.detail = error.status_code, error.reason, error.detail
     record.decision = "deny" if error.status_code < 500 else "error"
     try:
         runtime.audit.emit(record)
     except AuditWriteError:
         logger.warning("could not write the audit record of a refused connection (%s)", error.reason)
+    runtime.metrics.observe_request(record)
 
 
 async def _overloaded(scope: Scope, receive: Receive, send: Send) -> None:
@@ -83,9 +89,9 @@ async def _overloaded(scope: Scope, receive: Receive, send: Send) -> None:
         reason="overloaded",
         headers={"Retry-After": "1", "Connection": "close"},
     )
-    record = AuditRecord(request_id=request_id, method=scope["method"], path=scope["raw_path"].decode("latin-1"))
-    record.client = scope["client"][0] if scope.get("client") else None
-    emit(scope["state"], record, error)
+    record = AuditRecord(request_id=request_id, method=scope["method"], path=scope["raw_path"].decode("latin-1")[:512])
+    record.peer = scope["client"][0] if scope.get("client") else None
+    emit(scope["state"], record, error, scope["headers"])
     await error_response(error, request_id)(scope, receive, send)
 
 
@@ -232,10 +238,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         record = AuditRecord(
             request_id=request_id, method=method, path=url.split(b"?", 1)[0][:512].decode("latin-1") or "-"
         )
-        record.client = self.client[0] if self.client else None
-        agent = next((v for k, v in headers if k == b"user-agent"), b"")
-        record.user_agent = agent[:256].decode("latin-1") or None
-        emit(self.app_state, record, error)
+        record.peer = self.client[0] if self.client else None
+        emit(self.app_state, record, error, headers)
         self._write_error(error, request_id)
         self.transport.close()
 

@@ -189,6 +189,7 @@ class ProxyEndpoint:
         length = str(len(authorized.body)) if authorized.body is not None else _header(scope, b"content-length")
         if length is not None:
             headers.append((b"content-length", length.encode()))
+        runtime.audit.check_room()  # fail closed before slurmrestd acts, not after
         with record.upstream_timer():
             upstream = await send(
                 runtime.upstream, method=method, path=path, query=query, headers=headers, content=content

@@ -138,3 +138,14 @@ def test_a_pipe_is_written_but_never_rotated_or_locked(tmp_path: Path) -> None:
         os.close(reader)
     assert [json.loads(t)["n"] for t in received.splitlines()] == [0, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.fifo"]
+
+
+def test_has_room_reads_the_filesystem_of_the_open_file(tmp_path: Path) -> None:
+    sink = AuditFile(tmp_path / "audit.log")
+    assert not sink.has_room(1)  # not open
+    sink.open()
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    assert sink.has_room(4096)
+    assert not sink.has_room(free + (1 << 30))
+    sink.close()
+    assert not sink.has_room(1)

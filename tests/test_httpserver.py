@@ -24,6 +24,7 @@ from slurmproxy.errors import RequestTimeoutError
 from slurmproxy.httpserver import PROTOCOL, BodyDeadline
 from slurmproxy.settings import ServerSettings
 from tests.helpers import ISSUER, JWKS_URI, Signer, discovery, make_settings
+from tests.test_audit import validate
 
 pytestmark = pytest.mark.anyio
 GET_LIVE = b"GET /_slurmproxy/live HTTP/1.1\r\nHost: proxy\r\n\r\n"
@@ -110,10 +111,13 @@ async def test_refusals_are_json_and_audited(
 ) -> None:
     async with served(tmp_path, httpx_mock) as (port, audit):
         raw = await exchange(port, request_bytes)
+        metrics = (await exchange(port, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")).decode()
     code, headers, body = answer(raw)
+    assert f'reason="{reason}"' in metrics and f'status="{status}"' in metrics
     assert code == status and headers["connection"] == "close"
     assert body["slurmproxy"]["reason"] == reason and body["errors"][0]["source"] == "slurmproxy"
     (record,) = records(audit)
+    validate(record)
     assert record["status"] == status and record["reason"] == reason and record["decision"] == "deny"
     assert record["request_id"] == headers["x-request-id"] == body["slurmproxy"]["request_id"]
 
@@ -167,6 +171,7 @@ async def test_beyond_max_connections_requests_get_503(tmp_path: Path, httpx_moc
     assert code == 503 and headers["retry-after"] == "1" and body["slurmproxy"]["reason"] == "overloaded"
     assert again.startswith(b"HTTP/1.1 200")
     assert [r["reason"] for r in records(audit)] == ["overloaded"]
+    validate(records(audit)[0])
 
 
 def _state(timeout: float) -> dict[str, Any]:

@@ -4,11 +4,16 @@ audit log has exactly one record per answer."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import signal
+import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +24,8 @@ import yaml
 from devstack import SlurmCluster
 from devstack.provider import PROXY_AUDIENCE, OidcProvider
 from devstack.proxy import ProxyServer
-from tests.integration.conftest import ProxyFactory, call, ping_up, proxy_config, records_for, site_policy
+from tests.integration.conftest import ProxyFactory, call, job_body, ping_up, proxy_config, records_for, site_policy
+from tests.integration.hostile import RestdLog
 from tests.integration.test_policy import policy_status, wait_for
 
 BOUND = 45.0  # seconds: a request not answered within it counts as hung
@@ -258,3 +264,80 @@ def test_a_policy_file_corrupted_during_live_reload_under_load(
     records = {r["request_id"]: r for r in proxy.audit_records() if r["request_id"].startswith(request_id)}
     assert len(records) == len(outcomes) and all(records[o.request_id]["status"] == o.status for o in outcomes)
     assert "policy reload (file change) failed" in proxy.log_tail(2000)
+
+
+@pytest.fixture
+def small_fs() -> Iterator[Path]:
+    """A 1 MiB tmpfs for the audit file (outside pytest's temporary tree: it is a mount point)."""
+    mount = Path(tempfile.mkdtemp(prefix="slurmproxy-auditfs-", dir="/var/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        mount.rmdir()
+
+
+def _fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        with contextlib.suppress(OSError):  # ENOSPC: full
+            while os.write(fd, b"\0" * 4096):
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.parametrize("fail_closed", [True, False], ids=["fail-closed", "fail-open"])
+def test_an_unwritable_audit_sink_fails_as_configured(
+    slurm: SlurmCluster,
+    oidc: OidcProvider,
+    proxy_factory: ProxyFactory,
+    api: str,
+    request_id: str,
+    small_fs: Path,
+    fail_closed: bool,
+) -> None:
+    """The audit file's filesystem fills up; then the audit file is replaced by a directory (it can no
+    longer be opened). Fail-closed: 503 ``audit_unavailable`` **before** anything is forwarded, so no
+    job runs without its record; then recovery without a restart. Fail-open: the requests go on and
+    their records go to the application log."""
+    issuer = {"issuer": oidc.issuer, "audiences": [PROXY_AUDIENCE]}
+    path = small_fs / "audit.log"
+    audit = {"sink": "file", "file": str(path), "fail_closed": fail_closed}
+    proxy = proxy_factory(proxy_config(slurm, [issuer], audit=audit), {"site.yaml": site_policy(oidc.issuer)})
+    token = oidc.client_credentials_token("alice-cli")
+    restd = RestdLog(slurm)
+    assert call(proxy, "GET", f"{api}/ping", token=token, request_id=f"{request_id}-ok").status_code == 200
+    mark, jobs_before = restd.mark(), {j["JobId"] for j in slurm.jobs()}
+
+    filler = _fill(small_fs)
+    body = job_body(api, slurm.job_dir("alice"))
+    full = call(proxy, "POST", f"{api}/job/submit", token=token, request_id=f"{request_id}-full", json=body)
+    filler.unlink()
+    path.rename(small_fs / "audit.log.moved")
+    path.mkdir()
+    unopenable = call(proxy, "GET", f"{api}/ping", token=token, request_id=f"{request_id}-dir")
+    path.rmdir()
+
+    if fail_closed:
+        for refused in (full, unopenable):
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["slurmproxy"]["reason"] == "audit_unavailable"
+        assert restd.since(mark) == []  # refused before slurmrestd saw anything
+        assert {j["JobId"] for j in slurm.jobs()} == jobs_before
+    else:
+        assert full.status_code == 200 and unopenable.status_code == 200, (full.text, unopenable.text)
+        slurm.wait_job(full.json()["job_id"])
+    again = call(proxy, "GET", f"{api}/ping", token=token, request_id=f"{request_id}-again")
+    assert again.status_code == 200, again.text
+    assert [r["request_id"] for r in proxy.audit_records()] == [f"{request_id}-again"]
+    moved = {json.loads(line)["request_id"] for line in (small_fs / "audit.log.moved").read_text().splitlines()}
+    log = proxy.log_path.read_text()
+    # tmpfs leaves the file's last page writable: the record of "full" may still have fitted there.
+    assert f"{request_id}-ok" in moved and moved <= {f"{request_id}-ok", f"{request_id}-full"}
+    if not fail_closed:  # nothing is lost: a record that could not be written is in the application log
+        assert f"{request_id}-full" in moved or f"{request_id}-full" in log
+        assert "audit.fail_closed is false" in log and f'"request_id":"{request_id}-dir"' in log
