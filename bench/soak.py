@@ -31,6 +31,7 @@ from typing import Any
 from bench.stack import AUDIENCE, ENTITLEMENT, BenchIssuer, Nginx, process_tree, rss_bytes
 from devstack import SlurmCluster
 from devstack.proxy import ProxyServer
+from slurmproxy.auditfile import rotated_files
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBJECTS = 500  # distinct identities: token cache and rate-limit buckets both grow with them
@@ -166,11 +167,15 @@ def encode(method: str, path: str, headers: dict[str, str]) -> bytes:
 
 
 def audit_count(path: Path) -> int:
-    try:
-        with path.open("rb") as handle:
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
-    except FileNotFoundError:
-        return 0
+    """Lines in the audit file and in the files it was rotated to (audit.max_bytes)."""
+    total = 0
+    for file in [*rotated_files(path), path]:
+        try:
+            with file.open("rb") as handle:
+                total += sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+        except FileNotFoundError:
+            continue
+    return total
 
 
 def sample(state: Soak, server: ProxyServer, t: float, last: dict[str, Any]) -> Window:
