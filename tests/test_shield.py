@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from slurmproxy.errors import UpstreamError
+from slurmproxy.shield import CacheRule, Shield
+from slurmproxy.upstream import UpstreamResponse
+
+pytestmark = pytest.mark.anyio
+JOBS = "/slurm/v0.0.42/jobs"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Upstream:
+    """Counts requests; each answer waits on ``gate`` so that requests overlap."""
+
+    def __init__(self, status: int = 200, body: bytes = b'{"jobs":[]}') -> None:
+        self.calls = 0
+        self.status = status
+        self.body = body
+        self.gate = asyncio.Event()
+        self.fail: Exception | None = None
+
+    async def send(self) -> UpstreamResponse:
+        self.calls += 1
+        number = self.calls
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        body = self.body + str(number).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        return UpstreamResponse(self.status, headers, httpx.Response(self.status, headers=headers, stream=httpx.ByteStream(body)))
+
+
+def key(user: str = "alice", path: str = JOBS, query: bytes = b"") -> tuple[str, str, str, bytes]:
+    return (user, "GET", path, query)
+
+
+async def test_concurrent_identical_gets_share_one_upstream_request() -> None:
+    shield, upstream = Shield(), Upstream()
+    tasks = [asyncio.create_task(shield.fetch(key(), upstream.send)) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    upstream.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert upstream.calls == 1
+    assert {r.shared.body for r in results if r.shared} == {b'{"jobs":[]}1'}
+    assert sorted(r.source for r in results).count("coalesced") == 49
+    assert shield.coalesced == 49 and shield.upstream_requests == 1
+
+
+async def test_never_shared_across_local_accounts_paths_or_queries() -> None:
+    shield, upstream = Shield(), Upstream()
+    keys = [key("alice"), key("bob"), key("alice", "/slurm/v0.0.42/job/1"), key("alice", query=b"update_time=5")]
+    tasks = [asyncio.create_task(shield.fetch(k, upstream.send)) for k in keys]
+    await asyncio.sleep(0.01)
+    upstream.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert upstream.calls == 4
+    assert len({r.shared.body for r in results if r.shared}) == 4
+
+
+async def test_cache_serves_within_ttl_only() -> None:
+    clock = Clock()
+    shield, upstream = Shield([CacheRule("/slurm/{version}/jobs", 2.0)], clock=clock), Upstream()
+    upstream.gate.set()
+    first = await shield.fetch(key(), upstream.send)
+    clock.now += 1.5
+    second = await shield.fetch(key(), upstream.send)
+    assert second.source == "cache" and second.shared == first.shared and second.age == pytest.approx(1.5)
+    other_user = await shield.fetch(key("bob"), upstream.send)
+    assert other_user.source == "upstream"
+    clock.now += 0.6
+    third = await shield.fetch(key(), upstream.send)
+    assert third.source == "upstream" and upstream.calls == 3
+
+
+async def test_uncached_paths_and_errors_are_not_kept() -> None:
+    clock = Clock()
+    shield = Shield([CacheRule("/slurm/{version}/jobs", 5.0)], clock=clock)
+    upstream = Upstream(status=500)
+    upstream.gate.set()
+    await shield.fetch(key(), upstream.send)
+    await shield.fetch(key(), upstream.send)
+    await shield.fetch(key(path="/slurm/v0.0.42/nodes"), upstream.send)
+    await shield.fetch(key(path="/slurm/v0.0.42/nodes"), upstream.send)
+    assert upstream.calls == 4
+
+
+async def test_upstream_failure_reaches_every_waiter() -> None:
+    shield, upstream = Shield(), Upstream()
+    upstream.fail = UpstreamError("down")
+    tasks = [asyncio.create_task(shield.fetch(key(), upstream.send)) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    upstream.gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, UpstreamError) for r in results)
+    assert upstream.calls == 1
+    upstream.fail = None
+    assert (await shield.fetch(key(), upstream.send)).source == "upstream"  # nothing stuck in flight
+
+
+async def test_waiters_get_the_answer_when_the_first_request_is_cancelled() -> None:
+    shield, upstream = Shield(), Upstream()
+    leader = asyncio.create_task(shield.fetch(key(), upstream.send))
+    await asyncio.sleep(0.01)
+    follower = asyncio.create_task(shield.fetch(key(), upstream.send))
+    await asyncio.sleep(0.01)
+    leader.cancel()
+    upstream.gate.set()
+    result = await follower
+    assert result.source == "coalesced" and result.shared is not None
+    assert upstream.calls == 1
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+
+
+async def test_too_large_answers_are_streamed_not_shared() -> None:
+    shield, upstream = Shield(max_body_bytes=4), Upstream()
+    tasks = [asyncio.create_task(shield.fetch(key(), upstream.send)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    upstream.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert all(r.stream is not None and r.shared is None for r in results)
+    assert upstream.calls == 3
+    for r in results:
+        assert r.stream is not None
+        await r.stream.aclose()
+
+
+def test_applies_only_to_get() -> None:
+    assert Shield().applies("GET", JOBS)
+    assert not Shield().applies("POST", JOBS)
+    assert not Shield(coalesce=False).applies("GET", JOBS)
+    assert Shield([CacheRule("/slurm/{version}/jobs", 1)], coalesce=False).applies("GET", JOBS)
