@@ -39,7 +39,9 @@ class Upstream:
             raise self.fail
         body = self.body + str(number).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        return UpstreamResponse(self.status, headers, httpx.Response(self.status, headers=headers, stream=httpx.ByteStream(body)))
+        return UpstreamResponse(
+            self.status, headers, httpx.Response(self.status, headers=headers, stream=httpx.ByteStream(body))
+        )
 
 
 def key(user: str = "alice", path: str = JOBS, query: bytes = b"") -> tuple[str, str, str, bytes]:
