@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
-
 from slurmproxy.credentials import SlurmCredentials
-from slurmproxy.errors import NotFoundError
+from slurmproxy.errors import NotFoundError, ProxyError
+from slurmproxy.httpclient import ConnectionPool
 from slurmproxy.settings import UpstreamSettings
+from slurmproxy.upstream import fetch
 
 logger = logging.getLogger("slurmproxy.apiversions")
 
@@ -114,7 +114,7 @@ class ApiVersions:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: ConnectionPool,
         credentials: SlurmCredentials,
         settings: UpstreamSettings,
         *,
@@ -145,24 +145,24 @@ class ApiVersions:
 
     async def _fetch(self) -> ServedApis:
         headers = [(b"x-request-id", b"slurmproxy-api-versions"), *self._credentials.headers_for(self._user)]
-        async with self._client.stream("GET", DOCUMENT_PATH, headers=headers, timeout=self._timeout) as response:
-            if response.status_code != 200:
-                raise ValueError(f"slurmrestd answered HTTP {response.status_code}")
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > MAX_DOCUMENT_BYTES:
-                    raise ValueError(f"the document is larger than {MAX_DOCUMENT_BYTES} bytes")
-                chunks.append(chunk)
+        try:
+            status, body = await fetch(
+                self._client, "GET", DOCUMENT_PATH, headers, limit=MAX_DOCUMENT_BYTES, timeout=self._timeout
+            )
+        except ProxyError as exc:
+            if exc.reason == "upstream_too_large":
+                raise ValueError(f"the document is larger than {MAX_DOCUMENT_BYTES} bytes") from exc
+            raise ValueError(exc.detail) from exc
+        if status != 200:
+            raise ValueError(f"slurmrestd answered HTTP {status}")
         # The document is large (660 KB on 24.11): parse it off the event loop.
-        return await asyncio.to_thread(lambda: parse_document(json.loads(b"".join(chunks))))
+        return await asyncio.to_thread(lambda: parse_document(json.loads(body)))
 
     async def _refresh_once(self) -> None:
         self._attempted = self._clock()
         try:
             served = await self._fetch()
-        except (httpx.HTTPError, ValueError) as exc:
+        except ValueError as exc:
             self.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             logger.warning("could not read slurmrestd's API versions from %s: %s", DOCUMENT_PATH, self.error)
             return

@@ -19,13 +19,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from slurmproxy.errors import DependencyError
+from slurmproxy.errors import DependencyError, ProxyError
 from slurmproxy.httpserver import BodyDeadline
 from slurmproxy.logs import configure_logging
 from slurmproxy.metrics import metrics_routes
@@ -33,6 +32,7 @@ from slurmproxy.proxy import ProxyEndpoint
 from slurmproxy.responses import json_response
 from slurmproxy.runtime import Runtime, open_runtime
 from slurmproxy.settings import Settings, load_settings
+from slurmproxy.upstream import send
 from slurmproxy.whoami import WhoamiEndpoint, policy_details
 
 logger = logging.getLogger("slurmproxy")
@@ -46,10 +46,14 @@ async def live(request: Request) -> Response:
 
 
 async def _upstream_answers(runtime: Runtime) -> tuple[bool, str]:
+    headers = [(b"x-request-id", b"readiness")]
     try:
-        response = await runtime.upstream.get("/openapi/v3", timeout=2.0, headers={"x-request-id": "readiness"})
-    except httpx.HTTPError as exc:
-        return False, f"slurmrestd unreachable ({type(exc).__name__})"
+        response = await send(
+            runtime.upstream, method="GET", path="/openapi/v3", query=b"", headers=headers, content=None, timeout=2.0
+        )
+    except ProxyError as exc:
+        return False, f"slurmrestd unreachable ({exc.reason})"
+    await response.aclose()
     return True, f"slurmrestd answered HTTP {response.status_code}"
 
 

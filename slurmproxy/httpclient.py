@@ -79,7 +79,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
         self._loop = loop
-        self._read_timeout = read_timeout
+        self.read_timeout = read_timeout
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -183,7 +183,7 @@ class _Connection(asyncio.Protocol):
         if self._error is not None:
             raise self._error
         self._waiter = self._loop.create_future()
-        self._timer = self._loop.call_later(self._read_timeout, self._on_timeout)
+        self._timer = self._loop.call_later(self.read_timeout, self._on_timeout)
         try:
             await self._waiter
         finally:
@@ -325,8 +325,13 @@ class ConnectionPool:
         target: str,
         headers: list[tuple[bytes, bytes]],
         body: bytes | AsyncIterator[bytes] | None = None,
+        *,
+        timeout: float | None = None,
     ) -> Response:
-        """Send a request; return once the response's status and headers have arrived."""
+        """Send a request; return once the response's status and headers have arrived.
+
+        ``timeout`` replaces the pool's read timeout for this request.
+        """
         head = _request_head(method, target, self.origin.host_header, headers, body)
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -339,6 +344,7 @@ class ConnectionPool:
             reused = conn is not None
             if conn is None:
                 conn = await self._open()
+            conn.read_timeout = timeout or self._read_timeout
             try:
                 await self._exchange(conn, method, head, body)
             except ConnectionClosed:
@@ -348,6 +354,7 @@ class ConnectionPool:
                     raise
                 conn.close()
                 conn = await self._open()
+                conn.read_timeout = timeout or self._read_timeout
                 await self._exchange(conn, method, head, body)
             self._active.add(conn)
             return Response(self, conn)
@@ -379,6 +386,12 @@ class ConnectionPool:
             self._idle.append(conn)
         else:
             conn.close()
+
+    async def __aenter__(self) -> ConnectionPool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     async def aclose(self) -> None:
         for conn in self._idle + list(self._active):

@@ -11,6 +11,7 @@ import httpx
 from slurmproxy.apiversions import ApiVersions
 from slurmproxy.audit import AuditLog
 from slurmproxy.credentials import SlurmCredentials, credentials_from
+from slurmproxy.httpclient import ConnectionPool
 from slurmproxy.identity import IdentityMapper, check_policy_backends, open_identity
 from slurmproxy.metrics import Metrics
 from slurmproxy.policy import Policy, load_policy
@@ -31,7 +32,7 @@ class Runtime:
     policy: Policy
     mapper: IdentityMapper
     credentials: SlurmCredentials
-    upstream: httpx.AsyncClient
+    upstream: ConnectionPool
     audit: AuditLog
     apis: ApiVersions
     upstream_auth: UpstreamAuthCheck

@@ -31,7 +31,8 @@ DEFAULT_HTTP_TIMEOUT_SECONDS = 5.0
 DEFAULT_JWKS_CACHE_SECONDS = 3600
 DEFAULT_UPSTREAM_TIMEOUT_SECONDS = 60.0
 DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS = 5.0
-DEFAULT_UPSTREAM_MAX_CONNECTIONS = 100
+DEFAULT_UPSTREAM_MAX_CONNECTIONS = 16
+DEFAULT_UPSTREAM_KEEPALIVE_SECONDS = 5.0
 DEFAULT_SLURM_JWT_LIFETIME_SECONDS = 300
 DEFAULT_DISCOVERY_USER = "nobody"
 DEFAULT_API_VERSIONS_REFRESH_SECONDS = 300
@@ -309,7 +310,18 @@ class UpstreamSettings(_Section):
     jwt_lifetime_seconds: int = Field(DEFAULT_SLURM_JWT_LIFETIME_SECONDS, ge=30, le=86400)
     timeout_seconds: float = Field(DEFAULT_UPSTREAM_TIMEOUT_SECONDS, gt=0, description="Read timeout (504 after).")
     connect_timeout_seconds: float = Field(DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS, gt=0)
-    max_connections: int = Field(DEFAULT_UPSTREAM_MAX_CONNECTIONS, ge=1)
+    max_connections: int = Field(
+        DEFAULT_UPSTREAM_MAX_CONNECTIONS,
+        ge=1,
+        description="Connections to slurmrestd per worker process (its own connection handling is limited). "
+        f"Defaults to {DEFAULT_UPSTREAM_MAX_CONNECTIONS}.",
+    )
+    keepalive_seconds: float = Field(
+        DEFAULT_UPSTREAM_KEEPALIVE_SECONDS,
+        ge=0,
+        description="An idle connection to slurmrestd is closed after this long. "
+        f"Defaults to {DEFAULT_UPSTREAM_KEEPALIVE_SECONDS}.",
+    )
     discovery_user: str = Field(
         DEFAULT_DISCOVERY_USER,
         pattern=r"^[a-z_][a-z0-9_-]{0,31}$",

@@ -1,4 +1,4 @@
-"""Forwarding to slurmrestd: header policy, one pooled async client, streaming both ways.
+"""Forwarding to slurmrestd: header policy, one pooled connection pool (httpclient.py), streaming both ways.
 
 Header policy, applied to every request before anything is added:
 
@@ -13,10 +13,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-import httpx
-
-from slurmproxy.errors import UpstreamError, UpstreamTimeoutError
+from slurmproxy.errors import ProxyError, UpstreamError, UpstreamTimeoutError
+from slurmproxy.httpclient import (
+    ConnectionPool,
+    ConnectTimeout,
+    HTTPClientError,
+    PoolTimeout,
+    ReadTimeout,
+)
 from slurmproxy.settings import UpstreamSettings
 
 HOP_BY_HOP = frozenset(
@@ -32,10 +38,9 @@ HOP_BY_HOP = frozenset(
         b"proxy-authorization",
     }
 )
-# Never forwarded from the client: set by httpx for the upstream, or a credential.
+# Never forwarded from the client: set by the proxy for the upstream, or a credential.
 _CLIENT_DROP = HOP_BY_HOP | {b"host", b"authorization", b"content-length", b"expect"}
 _RESPONSE_DROP = HOP_BY_HOP
-UNIX_BASE_URL = "http://slurmrestd"
 
 
 def normalized(name: bytes) -> bytes:
@@ -69,25 +74,39 @@ def response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes
     return [(n, v) for n, v in headers if normalized(n) not in _RESPONSE_DROP and normalized(n) not in named]
 
 
-def create_client(settings: UpstreamSettings) -> httpx.AsyncClient:
-    timeout = httpx.Timeout(settings.timeout_seconds, connect=settings.connect_timeout_seconds)
-    limits = httpx.Limits(max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections)
-    if settings.url.startswith("unix:"):
-        transport = httpx.AsyncHTTPTransport(uds=settings.url[len("unix:") :], limits=limits, retries=1)
-        base_url = UNIX_BASE_URL
-    else:
-        transport = httpx.AsyncHTTPTransport(limits=limits, retries=1)
-        base_url = settings.url.rstrip("/")
-    return httpx.AsyncClient(
-        base_url=base_url, transport=transport, timeout=timeout, follow_redirects=False, trust_env=False
+def create_client(settings: UpstreamSettings) -> ConnectionPool:
+    return ConnectionPool(
+        settings.url,
+        max_connections=settings.max_connections,
+        connect_timeout=settings.connect_timeout_seconds,
+        read_timeout=settings.timeout_seconds,
+        idle_seconds=settings.keepalive_seconds,
     )
+
+
+def _mapped(exc: HTTPClientError) -> ProxyError:
+    if isinstance(exc, ConnectTimeout):
+        return UpstreamError("slurmrestd did not accept the connection in time", reason="upstream_unreachable")
+    if isinstance(exc, ReadTimeout):
+        return UpstreamTimeoutError("slurmrestd did not answer in time", reason="upstream_timeout")
+    if isinstance(exc, PoolTimeout):
+        return UpstreamTimeoutError("every connection to slurmrestd is busy", reason="upstream_busy")
+    return UpstreamError("slurmrestd is unreachable or closed the connection", reason="upstream_unreachable")
+
+
+class RawBody(Protocol):
+    """What UpstreamResponse needs from the client's response (httpclient.Response)."""
+
+    def aiter_raw(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
 
 
 @dataclass
 class UpstreamResponse:
     status_code: int
     headers: list[tuple[bytes, bytes]]
-    response: httpx.Response
+    response: RawBody
     _peeked: list[bytes] = field(default_factory=list)  # chunks read by peek(), replayed by body() and stream()
     _raw: AsyncIterator[bytes] | None = None
 
@@ -99,17 +118,23 @@ class UpstreamResponse:
     async def _chunks(self) -> AsyncIterator[bytes]:
         while self._peeked:
             yield self._peeked.pop(0)
-        async for chunk in self._upstream_chunks():
-            yield chunk
+        try:
+            async for chunk in self._upstream_chunks():
+                yield chunk
+        except HTTPClientError as exc:
+            raise _mapped(exc) from exc
 
     async def peek(self, limit: int) -> bytes | None:
         """The whole body if it has at most ``limit`` bytes, else None; either way still sent on by body()/stream()."""
         size = sum(len(chunk) for chunk in self._peeked)
-        async for chunk in self._upstream_chunks():
-            self._peeked.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                return None
+        try:
+            async for chunk in self._upstream_chunks():
+                self._peeked.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    return None
+        except HTTPClientError as exc:
+            raise _mapped(exc) from exc
         return None if size > limit else b"".join(self._peeked)
 
     async def body(self, limit: int) -> bytes:
@@ -118,6 +143,7 @@ class UpstreamResponse:
         async for chunk in self._chunks():
             size += len(chunk)
             if size > limit:
+                await self.aclose()
                 raise UpstreamError("slurmrestd's answer is too large to inspect", reason="upstream_too_large")
             chunks.append(chunk)
         return b"".join(chunks)
@@ -134,24 +160,32 @@ class UpstreamResponse:
 
 
 async def send(
-    client: httpx.AsyncClient,
+    client: ConnectionPool,
     *,
     method: str,
     path: str,
     query: bytes,
     headers: list[tuple[bytes, bytes]],
     content: bytes | AsyncIterator[bytes] | None,
+    timeout: float | None = None,
 ) -> UpstreamResponse:
-    url = path + ("?" + query.decode("ascii") if query else "")
-    request = client.build_request(method, url, headers=headers, content=content)
+    target = path + ("?" + query.decode("ascii") if query else "")
     try:
-        response = await client.send(request, stream=True)
-    except httpx.ConnectTimeout as exc:
-        raise UpstreamError("slurmrestd did not accept the connection in time", reason="upstream_unreachable") from exc
-    except httpx.TimeoutException as exc:
-        raise UpstreamTimeoutError("slurmrestd did not answer in time", reason="upstream_timeout") from exc
-    except httpx.HTTPError as exc:
-        raise UpstreamError(
-            "slurmrestd is unreachable or closed the connection", reason="upstream_unreachable"
-        ) from exc
-    return UpstreamResponse(response.status_code, response_headers(response.headers.raw), response)
+        response = await client.request(method, target, headers, content, timeout=timeout)
+    except HTTPClientError as exc:
+        raise _mapped(exc) from exc
+    return UpstreamResponse(response.status_code, response_headers(response.headers), response)
+
+
+async def fetch(
+    client: ConnectionPool,
+    method: str,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    limit: int,
+    timeout: float | None = None,
+) -> tuple[int, bytes]:
+    """A whole small answer (status, body) from slurmrestd, for the proxy's own calls; ProxyError on failure."""
+    response = await send(client, method=method, path=path, query=b"", headers=headers, content=None, timeout=timeout)
+    return response.status_code, await response.body(limit)

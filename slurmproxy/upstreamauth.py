@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import httpx
 from cachetools import TTLCache
 
 from slurmproxy.apiversions import requested_api, version_key
-from slurmproxy.errors import UpstreamError
-from slurmproxy.upstream import UpstreamResponse
+from slurmproxy.errors import ProxyError, UpstreamError
+from slurmproxy.httpclient import ConnectionPool
+from slurmproxy.upstream import UpstreamResponse, fetch
 
 logger = logging.getLogger("slurmproxy.upstream")
 
@@ -116,7 +116,7 @@ class UpstreamAuthCheck:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: ConnectionPool,
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -137,20 +137,22 @@ class UpstreamAuthCheck:
     async def _probe_once(self, version: str, headers: list[tuple[bytes, bytes]]) -> bool | None:
         """True: credential rejected; False: accepted; None: no clear answer (slurmctld down, timeout)."""
         try:
-            response = await self._client.request(
+            status, body = await fetch(
+                self._client,
                 "DELETE",
                 f"/slurm/{version}/job/0",
-                headers=[(b"x-request-id", b"slurmproxy-credential-probe"), *headers],
+                [(b"x-request-id", b"slurmproxy-credential-probe"), *headers],
+                limit=MAX_ERROR_BODY,
                 timeout=self._probe_timeout,
             )
-        except httpx.HTTPError:
+        except ProxyError:
             return None
-        errors = slurm_errors(response.content)
-        if response.status_code in (401, 511) or any(_is(e, PROTOCOL_AUTHENTICATION_ERROR) for e in errors):
+        errors = slurm_errors(body)
+        if status in (401, 511) or any(_is(e, PROTOCOL_AUTHENTICATION_ERROR) for e in errors):
             return True
         if any(_is(e, ZERO_BYTES) for e in errors):
             return True
-        if response.status_code == 404 or any(e[0] == INVALID_JOB_ID for e in errors):
+        if status == 404 or any(e[0] == INVALID_JOB_ID for e in errors):
             return False
         return None
 

@@ -6,7 +6,9 @@ from collections.abc import Iterator
 import pytest
 from pytest_httpx import HTTPXMock
 
-from tests.helpers import ISSUER, JWKS_URI, Signer, discovery
+from tests import helpers
+from tests.fakeupstream import ThreadedFakeSlurmrestd
+from tests.helpers import ISSUER, JWKS_URI, UPSTREAM, Signer, discovery
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +28,23 @@ def signer(httpx_mock: HTTPXMock) -> Signer:
     )
     httpx_mock.add_response(url=JWKS_URI, json=signer.jwks(), is_reusable=True, is_optional=True)
     return signer
+
+
+@pytest.fixture
+def upstream() -> Iterator[ThreadedFakeSlurmrestd]:
+    """A stand-in slurmrestd over real loopback HTTP; make_settings() points the proxy at it.
+
+    Like pytest-httpx: answers are registered under UPSTREAM, and the test fails if one is never
+    requested or a request arrives that nothing was registered for.
+    """
+    fake = ThreadedFakeSlurmrestd(UPSTREAM).start()
+    helpers.upstream_url = fake.url
+    try:
+        yield fake
+    finally:
+        helpers.upstream_url = None
+        fake.close()
+    fake.check()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json as jsonlib
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 import httptools
 import httpx
 
-Behaviour = Literal["respond", "refuse", "close", "hang", "garbage"]
+Behaviour = Literal["respond", "close", "hang", "garbage"]
 
 
 @dataclass
@@ -76,22 +77,32 @@ class FakeSlurmrestd:
         self._server: asyncio.Server | None = None
         self.port = 0
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._stopping: asyncio.Event | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> FakeSlurmrestd:
+        self._stopping = asyncio.Event()
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def stop(self) -> None:
-        for writer in list(self._writers):
-            writer.close()
+        if self._stopping is not None:
+            self._stopping.set()
         if self._server is not None:
             self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._server is not None:
             await self._server.wait_closed()
+            self._server = None
 
     def _path(self, url: str | None, path: str | None) -> str | None:
         if url is not None:
@@ -109,12 +120,13 @@ class FakeSlurmrestd:
         status_code: int = 200,
         json: Any = None,
         content: bytes | None = None,
+        text: str | None = None,
         headers: dict[str, str] | None = None,
         is_reusable: bool = False,
         is_optional: bool = False,
         chunked: bool = False,
     ) -> None:
-        body = jsonlib.dumps(json).encode() if json is not None else (content or b"")
+        body = jsonlib.dumps(json).encode() if json is not None else (content or (text or "").encode())
         raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         if json is not None and not any(k == b"content-type" for k, _ in raw):
             raw.append((b"content-type", b"application/json"))
@@ -124,7 +136,7 @@ class FakeSlurmrestd:
 
     def add_exception(
         self,
-        behaviour: Behaviour,
+        behaviour: str,
         *,
         url: str | None = None,
         path: str | None = None,
@@ -133,12 +145,21 @@ class FakeSlurmrestd:
         is_optional: bool = False,
     ) -> None:
         """``close``: drop the connection without answering; ``hang``: never answer; ``garbage``: not HTTP."""
+        kinds: dict[str, Behaviour] = {"close": "close", "hang": "hang", "garbage": "garbage"}
+        if behaviour not in kinds:
+            raise ValueError(f"unknown behaviour {behaviour!r}")
         self.answers.append(
-            Answer(method, self._path(url, path), behaviour=behaviour, reusable=is_reusable, optional=is_optional)
+            Answer(
+                method, self._path(url, path), behaviour=kinds[behaviour], reusable=is_reusable, optional=is_optional
+            )
         )
 
     def get_requests(self) -> list[httpx.Request]:
         return list(self.requests)
+
+    def get_request(self) -> httpx.Request | None:
+        assert len(self.requests) <= 1, f"{len(self.requests)} upstream requests, not one"
+        return self.requests[0] if self.requests else None
 
     def check(self) -> None:
         unused = [a for a in self.answers if not a.used and not a.optional]
@@ -155,6 +176,9 @@ class FakeSlurmrestd:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         parser = _RequestParser()
         try:
             while True:
@@ -170,6 +194,8 @@ class FakeSlurmrestd:
             return
         finally:
             self._writers.discard(writer)
+            if task is not None:
+                self._handlers.discard(task)
             writer.close()
 
     async def _respond(
@@ -186,7 +212,9 @@ class FakeSlurmrestd:
         if answer.behaviour == "close":
             return False
         if answer.behaviour == "hang":
-            await asyncio.sleep(3600)
+            assert self._stopping is not None
+            await self._stopping.wait()
+            return False
         if answer.behaviour == "garbage":
             writer.write(b"this is not http\r\n\r\n")
             return False
@@ -205,3 +233,52 @@ class FakeSlurmrestd:
 
 def _pieces(body: bytes, size: int = 1000) -> list[bytes]:
     return [body[i : i + size] for i in range(0, len(body), size)] or []
+
+
+class ThreadedFakeSlurmrestd:
+    """The same server on its own event loop in a thread, so that sync and async tests can use it."""
+
+    def __init__(self, base_url: str = "http://slurmrestd.test:6820") -> None:
+        self.fake = FakeSlurmrestd(base_url)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-slurmrestd", daemon=True)
+
+    def start(self) -> ThreadedFakeSlurmrestd:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.fake.start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving: later requests find nothing listening (a slurmrestd that is down)."""
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self.fake.stop(), self._loop).result(10)
+
+    def close(self) -> None:
+        self.stop()
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
+
+    @property
+    def url(self) -> str:
+        return self.fake.url
+
+    @property
+    def connections(self) -> int:
+        return self.fake.connections
+
+    def add_response(self, **kwargs: Any) -> None:
+        self.fake.add_response(**kwargs)
+
+    def add_exception(self, behaviour: str, **kwargs: Any) -> None:
+        self.fake.add_exception(behaviour, **kwargs)
+
+    def get_requests(self) -> list[httpx.Request]:
+        return self.fake.get_requests()
+
+    def get_request(self) -> httpx.Request | None:
+        return self.fake.get_request()
+
+    def check(self) -> None:
+        self.fake.check()

@@ -22,6 +22,8 @@ VO_MEMBER = "urn:mace:egi.eu:group:vo.example.org:role=member#aai.egi.eu"
 OTHER_VO = "urn:mace:egi.eu:group:vo.other.org:role=member#aai.egi.eu"
 JWKS_URI = f"{ISSUER}/protocol/openid-connect/certs"
 UPSTREAM = "http://slurmrestd.test:6820"
+# Set by the `upstream` fixture: where the stand-in slurmrestd listens (answers are registered under UPSTREAM).
+upstream_url: str | None = None
 
 
 class Signer:
@@ -95,7 +97,12 @@ def make_settings(tmp_path: Path, policy: dict[str, Any] | None = None, **sectio
     data: dict[str, Any] = {
         "oidc": {"issuers": [{"issuer": ISSUER, "audiences": [AUDIENCE]}]},
         # API-version discovery off: unit tests answer only the requests they expect (tests/test_apiversions.py).
-        "upstream": {"url": UPSTREAM, "auth": "mint", "jwt_key_file": str(key), "api_versions_refresh_seconds": 0},
+        "upstream": {
+            "url": upstream_url or UPSTREAM,
+            "auth": "mint",
+            "jwt_key_file": str(key),
+            "api_versions_refresh_seconds": 0,
+        },
         "policy": {"paths": [str(policy_dir)]},
         "audit": {"sink": "file", "file": str(tmp_path / "audit.log")},
         "identity": {"min_uid": 1000},

@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from pytest_httpx import HTTPXMock
 
 from slurmproxy.authorize import THREAD_THRESHOLD_BYTES
 from slurmproxy.policy.stats import PolicyStats
 from tests.asgi import app_client, app_session
+from tests.fakeupstream import ThreadedFakeSlurmrestd as Upstream
 from tests.helpers import OTHER_VO, UPSTREAM, VO_MEMBER, Signer, make_settings
 
 pytestmark = pytest.mark.anyio
@@ -46,10 +46,6 @@ def audit(tmp_path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
 
 
-def upstream_requests(httpx_mock: HTTPXMock) -> list[httpx.Request]:
-    return [r for r in httpx_mock.get_requests() if str(r.url).startswith(UPSTREAM)]
-
-
 def auth(signer: Signer, *entitlements: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {signer.token(eduperson_entitlement=list(entitlements) or [VO_MEMBER])}"}
 
@@ -79,13 +75,19 @@ def auth(signer: Signer, *entitlements: str) -> dict[str, str]:
     ],
 )
 async def test_submission_is_forwarded_with_defaults_filled(
-    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, api: str, job: dict[str, Any], expected: dict[str, Any]
+    tmp_path: Path,
+    httpx_mock: HTTPXMock,
+    signer: Signer,
+    api: str,
+    job: dict[str, Any],
+    expected: dict[str, Any],
+    upstream: Upstream,
 ) -> None:
-    httpx_mock.add_response(url=f"{UPSTREAM}{api}/job/submit", method="POST", json={"job_id": 7})
+    upstream.add_response(url=f"{UPSTREAM}{api}/job/submit", method="POST", json={"job_id": 7})
     async with app_client(make_settings(tmp_path, vo_policy())) as client:
         response = await client.post(f"{api}/job/submit", json={"script": "x", "job": job}, headers=auth(signer))
     assert response.status_code == 200, response.text
-    (sent,) = upstream_requests(httpx_mock)
+    (sent,) = upstream.get_requests()
     assert json.loads(sent.content)["job"] == expected
     assert int(sent.headers["content-length"]) == len(sent.content)
     (record,) = audit(tmp_path)
@@ -151,6 +153,7 @@ async def test_refused_bodies_never_reach_slurm(
     status: int,
     reason: str,
     field: str | None,
+    upstream: Upstream,
 ) -> None:
     kwargs: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}
     async with app_client(make_settings(tmp_path, vo_policy())) as client:
@@ -160,13 +163,13 @@ async def test_refused_bodies_never_reach_slurm(
     assert answer["slurmproxy"]["reason"] == reason
     if field is not None:
         assert field in answer["errors"][0]["error"]
-    assert upstream_requests(httpx_mock) == []
+    assert upstream.get_requests() == []
     (record,) = audit(tmp_path)
     assert (record["decision"], record["status"], record["reason"]) == ("deny", status, reason)
     assert record["upstream_status"] is None
 
 
-async def test_body_limits(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
+async def test_body_limits(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream) -> None:
     settings = make_settings(tmp_path, vo_policy(), server={"max_body_bytes": 2048})
     big = json.dumps({"job": {"name": "x" * 4096}}).encode()
 
@@ -181,24 +184,26 @@ async def test_body_limits(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer
     assert (announced.status_code, streamed.status_code) == (413, 413)
     assert "transfer-encoding" not in str(announced.request.headers).lower()
     assert streamed.request.headers.get("transfer-encoding") == "chunked"
-    assert upstream_requests(httpx_mock) == []
+    assert upstream.get_requests() == []
 
 
-async def test_other_bodies_are_forwarded_unchanged(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
-    httpx_mock.add_response(url=f"{UPSTREAM}{V42}/node/n1", method="POST", json={})
+async def test_other_bodies_are_forwarded_unchanged(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
+) -> None:
+    upstream.add_response(url=f"{UPSTREAM}{V42}/node/n1", method="POST", json={})
     raw = b'{"state": ["DRAIN"],  "reason": "x"}'
     async with app_client(make_settings(tmp_path, vo_policy())) as client:
         response = await client.post(
             f"{V42}/node/n1", content=raw, headers={**auth(signer, OTHER_VO), "content-type": "text/plain"}
         )
     assert response.status_code == 200
-    assert upstream_requests(httpx_mock)[0].content == raw
+    assert upstream.get_requests()[0].content == raw
 
 
 async def test_decisions_and_malformed_entitlements_are_counted(
-    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
 ) -> None:
-    httpx_mock.add_response(url=f"{UPSTREAM}{V42}/jobs", json={"jobs": []})
+    upstream.add_response(url=f"{UPSTREAM}{V42}/jobs", json={"jobs": []})
     async with app_session(make_settings(tmp_path, vo_policy())) as (client, state):
         await client.get(f"{V42}/jobs", headers=auth(signer, VO_MEMBER, "garbage", "urn:mace:egi.eu:res:x#y"))
         await client.get(f"{V42}/ping", headers=auth(signer, OTHER_VO))
@@ -213,9 +218,9 @@ async def test_decisions_and_malformed_entitlements_are_counted(
 
 
 async def test_large_bodies_are_checked_off_the_event_loop_all_the_same(
-    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
 ) -> None:
-    httpx_mock.add_response(url=f"{UPSTREAM}{V42}/job/submit", method="POST", json={"job_id": 3})
+    upstream.add_response(url=f"{UPSTREAM}{V42}/job/submit", method="POST", json={"job_id": 3})
     environment = [f"VAR_{n}={'x' * 40}" for n in range(3000)]  # about 150 KiB, over THREAD_THRESHOLD_BYTES
     async with app_client(make_settings(tmp_path, vo_policy())) as client:
         accepted = await client.post(
@@ -225,6 +230,6 @@ async def test_large_bodies_are_checked_off_the_event_loop_all_the_same(
             f"{V42}/job/submit", json={"job": {"environment": environment, "account": "x"}}, headers=auth(signer)
         )
     assert accepted.status_code == 200 and refused.status_code == 403
-    (sent,) = upstream_requests(httpx_mock)
+    (sent,) = upstream.get_requests()
     assert len(sent.content) > THREAD_THRESHOLD_BYTES
     assert json.loads(sent.content)["job"]["account"] == "vo-a"

@@ -108,7 +108,7 @@ async def test_read_timeout_and_the_connection_is_not_reused(fake: FakeSlurmrest
 
 @pytest.mark.parametrize("behaviour", ["close", "garbage"])
 async def test_broken_answers(fake: FakeSlurmrestd, behaviour: str) -> None:
-    fake.add_exception(behaviour, path="/x")  # type: ignore[arg-type]
+    fake.add_exception(behaviour, path="/x")
     with pytest.raises(ConnectionClosed):
         await ConnectionPool(fake.url).request("POST", "/x", [], b"{}")
 

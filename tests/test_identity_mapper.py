@@ -20,6 +20,7 @@ from slurmproxy.identity.pool import LeaseStore, Pools
 from slurmproxy.policy import PolicyError, load_policy
 from slurmproxy.settings import AliseSettings, ConfigError, IdentitySettings
 from tests.asgi import app_client
+from tests.fakeupstream import ThreadedFakeSlurmrestd as Upstream
 from tests.helpers import (
     ISSUER,
     JWKS_URI,
@@ -149,12 +150,12 @@ def pool_settings(tmp_path: Path) -> Any:
 
 
 async def test_proxy_records_the_lease_and_answers_503_when_the_pool_is_full(
-    tmp_path: Path, httpx_mock: HTTPXMock
+    tmp_path: Path, httpx_mock: HTTPXMock, upstream: Upstream
 ) -> None:
     signer = Signer()
     httpx_mock.add_response(url=f"{ISSUER}/.well-known/openid-configuration", json=discovery(), is_reusable=True)
     httpx_mock.add_response(url=JWKS_URI, json=signer.jwks(), is_reusable=True)
-    httpx_mock.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/ping", json={"pings": []}, is_reusable=True)
+    upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/ping", json={"pings": []}, is_reusable=True)
     async with app_client(pool_settings(tmp_path)) as client:
         for n in range(4):
             token = signer.token(sub=f"user{n % 3}@example.org")
@@ -168,5 +169,4 @@ async def test_proxy_records_the_lease_and_answers_503_when_the_pool_is_full(
     assert records[2]["reason"] == "pool_exhausted" and records[2]["status"] == 503
     assert "pool vo has no free account" in records[2]["detail"]
     assert records[3]["mapping_detail"]["lease"] == "existing" and records[3]["local_user"] == "pool001"
-    upstream = [r for r in httpx_mock.get_requests() if str(r.url).startswith(UPSTREAM)]
-    assert [r.headers["x-slurm-user-name"] for r in upstream] == ["pool001", "pool002", "pool001"]
+    assert [r.headers["x-slurm-user-name"] for r in upstream.get_requests()] == ["pool001", "pool002", "pool001"]

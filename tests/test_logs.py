@@ -5,13 +5,13 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from pytest_httpx import HTTPXMock
 
 from slurmproxy.logs import configure_logging, request_id_var
 from slurmproxy.settings import LogSettings
 from tests.asgi import app_client
+from tests.fakeupstream import ThreadedFakeSlurmrestd as Upstream
 from tests.helpers import UPSTREAM, Signer, make_settings, serve_keys
 
 LOGGERS = ("slurmproxy", "uvicorn", "uvicorn.error")
@@ -51,14 +51,14 @@ def test_lines_carry_the_request_id_only_inside_a_request(
 @pytest.mark.anyio
 @pytest.mark.usefixtures("restore_logging")
 async def test_a_failed_request_is_logged_as_json_with_its_id_and_without_the_token(
-    tmp_path: Path, httpx_mock: HTTPXMock, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, httpx_mock: HTTPXMock, capsys: pytest.CaptureFixture[str], upstream: Upstream
 ) -> None:
     signer = serve_keys(httpx_mock, Signer())
-    httpx_mock.add_exception(httpx.ReadTimeout("slow"), url=f"{UPSTREAM}/slurm/v0.0.40/ping")
+    upstream.add_exception("hang", url=f"{UPSTREAM}/slurm/v0.0.40/ping")
     configure_logging(LogSettings(json=True))
     token = signer.token()
     headers = {"Authorization": f"Bearer {token}", "X-Request-ID": "slow-1"}
-    async with app_client(make_settings(tmp_path)) as client:
+    async with app_client(make_settings(tmp_path, upstream={"timeout_seconds": 0.3})) as client:
         response = await client.get("/slurm/v0.0.40/ping", headers=headers)
     assert response.status_code == 504
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]

@@ -12,6 +12,7 @@ from slurmproxy.errors import DependencyError
 from slurmproxy.identity.alise import AliseClient
 from slurmproxy.metrics import MULTIPROC_ENV, Metrics, prepare_multiprocess, remove_multiprocess_dir
 from tests.asgi import app_client, app_session
+from tests.fakeupstream import ThreadedFakeSlurmrestd as Upstream
 from tests.helpers import UPSTREAM, Signer, basic_policy, make_settings, serve_keys, write_policy
 
 PING = "/slurm/v0.0.40/ping"
@@ -44,10 +45,10 @@ def signer(httpx_mock: HTTPXMock) -> Signer:
 
 @pytest.mark.anyio
 async def test_allowed_denied_and_failed_requests_move_their_counters(
-    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
 ) -> None:
-    httpx_mock.add_response(url=f"{UPSTREAM}{PING}", json={"pings": []})
-    httpx_mock.add_exception(httpx.ConnectError("refused"), url=f"{UPSTREAM}{PING}")
+    upstream.add_response(url=f"{UPSTREAM}{PING}", json={"pings": []})
+    upstream.add_exception("close", url=f"{UPSTREAM}{PING}", is_reusable=True)  # also the retry on a new connection
     member = {"Authorization": f"Bearer {signer.token()}"}
     outsider = {"Authorization": f"Bearer {signer.token(eduperson_entitlement=[])}"}
     async with app_client(make_settings(tmp_path)) as client:

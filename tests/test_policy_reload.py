@@ -16,6 +16,7 @@ from slurmproxy.policy import Policy, load_policy
 from slurmproxy.policy.reload import PolicyReloader, fingerprint, reloading
 from slurmproxy.settings import Settings, load_settings
 from tests.asgi import app_session
+from tests.fakeupstream import ThreadedFakeSlurmrestd as Upstream
 from tests.helpers import UPSTREAM, Signer, basic_policy, make_settings, write_policy
 
 pytestmark = pytest.mark.anyio
@@ -140,10 +141,10 @@ def job_policy(partitions: list[str], allow: list[str] | None = None) -> dict[st
 
 
 async def test_app_reloads_on_file_change_and_reports_a_broken_file(
-    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
 ) -> None:
-    httpx_mock.add_response(url=f"{UPSTREAM}/slurm/v0.0.42/ping", json={}, is_reusable=True)
-    httpx_mock.add_response(url=f"{UPSTREAM}/openapi/v3", json={}, is_reusable=True)
+    upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.42/ping", json={}, is_reusable=True)
+    upstream.add_response(url=f"{UPSTREAM}/openapi/v3", json={}, is_reusable=True)
     settings = settings_with(tmp_path, job_policy(["debug"]), 0.02)
     headers = {"Authorization": f"Bearer {signer.token()}"}
     async with app_session(settings) as (client, state):
@@ -164,9 +165,9 @@ async def test_app_reloads_on_file_change_and_reports_a_broken_file(
 
 
 async def test_in_flight_requests_finish_under_the_policy_they_started_with(
-    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
 ) -> None:
-    httpx_mock.add_response(url=f"{UPSTREAM}{SUBMIT}", method="POST", json={"job_id": 1})
+    upstream.add_response(url=f"{UPSTREAM}{SUBMIT}", method="POST", json={"job_id": 1})
     settings = settings_with(tmp_path, job_policy(["debug"]), 0)
     body = json.dumps({"job": {"partition": "debug", "environment": ["A=1"]}}).encode()
     half_sent, reloaded = asyncio.Event(), asyncio.Event()

@@ -11,6 +11,7 @@ from joserfc.jwk import OctKey
 from pytest_httpx import HTTPXMock
 
 from tests.asgi import app_client
+from tests.fakeupstream import Behaviour, ThreadedFakeSlurmrestd as Upstream
 from tests.helpers import ISSUER, OTHER_VO, UPSTREAM, Signer, make_settings
 
 pytestmark = pytest.mark.anyio
@@ -23,12 +24,10 @@ def audit_lines(tmp_path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def upstream_requests(httpx_mock: HTTPXMock) -> list[httpx.Request]:
-    return [r for r in httpx_mock.get_requests() if str(r.url).startswith(UPSTREAM)]
-
-
-async def test_submit_is_forwarded_as_the_mapped_user(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
-    httpx_mock.add_response(url=f"{UPSTREAM}{SUBMIT}", method="POST", json={"job_id": 42, "errors": []})
+async def test_submit_is_forwarded_as_the_mapped_user(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
+) -> None:
+    upstream.add_response(url=f"{UPSTREAM}{SUBMIT}", method="POST", json={"job_id": 42, "errors": []})
     settings = make_settings(tmp_path)
     headers = {
         "Authorization": f"Bearer {signer.token()}",
@@ -41,7 +40,7 @@ async def test_submit_is_forwarded_as_the_mapped_user(tmp_path: Path, httpx_mock
     assert response.status_code == 200
     assert response.json()["job_id"] == 42
     assert response.headers["x-request-id"] == "req-123"
-    (sent,) = upstream_requests(httpx_mock)
+    (sent,) = upstream.get_requests()
     assert json.loads(sent.content) == JOB
     assert sent.headers["x-slurm-user-name"] == "alice"
     assert "authorization" not in sent.headers
@@ -62,14 +61,16 @@ async def test_submit_is_forwarded_as_the_mapped_user(tmp_path: Path, httpx_mock
     assert record["client"] == "203.0.113.5"
 
 
-async def test_unmapped_subject_uses_service_account(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
-    httpx_mock.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json={"jobs": []})
+async def test_unmapped_subject_uses_service_account(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
+) -> None:
+    upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json={"jobs": []})
     async with app_client(make_settings(tmp_path)) as client:
         response = await client.get(
             "/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {signer.token(sub='bob@example.org')}"}
         )
     assert response.status_code == 200
-    assert upstream_requests(httpx_mock)[0].headers["x-slurm-user-name"] == "svc-alpha"
+    assert upstream.get_requests()[0].headers["x-slurm-user-name"] == "svc-alpha"
 
 
 @pytest.mark.parametrize(
@@ -80,7 +81,7 @@ async def test_unmapped_subject_uses_service_account(tmp_path: Path, httpx_mock:
     ],
 )
 async def test_unauthenticated_requests_get_401(
-    tmp_path: Path, httpx_mock: HTTPXMock, headers: dict[str, str], reason: str
+    tmp_path: Path, httpx_mock: HTTPXMock, headers: dict[str, str], reason: str, upstream: Upstream
 ) -> None:
     async with app_client(make_settings(tmp_path)) as client:
         response = await client.get("/slurm/v0.0.38/jobs", headers=headers)
@@ -89,7 +90,7 @@ async def test_unauthenticated_requests_get_401(
     body = response.json()
     assert body["slurmproxy"]["reason"] == reason
     assert body["errors"][0]["source"] == "slurmproxy"
-    assert upstream_requests(httpx_mock) == []
+    assert upstream.get_requests() == []
     (record,) = audit_lines(tmp_path)
     assert record["decision"] == "deny" and record["reason"] == reason and record["status"] == 401
 
@@ -105,7 +106,7 @@ async def test_401_body_never_echoes_the_token(tmp_path: Path, signer: Signer) -
 
 
 async def test_no_entitlement_gets_403_and_nothing_reaches_slurm(
-    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
 ) -> None:
     async with app_client(make_settings(tmp_path)) as client:
         response = await client.post(
@@ -114,12 +115,14 @@ async def test_no_entitlement_gets_403_and_nothing_reaches_slurm(
     assert response.status_code == 403
     assert response.json()["slurmproxy"]["reason"] == "no_rule_matches"
     assert "no rule allows POST /slurm/v0.0.38/job/submit" in response.json()["errors"][0]["error"]
-    assert upstream_requests(httpx_mock) == []
+    assert upstream.get_requests() == []
     (record,) = audit_lines(tmp_path)
     assert record["decision"] == "deny" and record["status"] == 403 and record["local_user"] is None
 
 
-async def test_mapping_to_a_refused_account_is_403(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
+async def test_mapping_to_a_refused_account_is_403(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
+) -> None:
     from tests.helpers import basic_policy
 
     policy = basic_policy(mapping=[{"service_account": "root"}])
@@ -129,7 +132,7 @@ async def test_mapping_to_a_refused_account_is_403(tmp_path: Path, httpx_mock: H
         )
     assert response.status_code == 403
     assert response.json()["slurmproxy"]["reason"] == "account_refused"
-    assert upstream_requests(httpx_mock) == []
+    assert upstream.get_requests() == []
     (record,) = audit_lines(tmp_path)
     assert record["reason"] == "account_refused" and "root" in record["detail"]
 
@@ -137,16 +140,16 @@ async def test_mapping_to_a_refused_account_is_403(tmp_path: Path, httpx_mock: H
 @pytest.mark.parametrize(
     ("exception", "status", "reason"),
     [
-        pytest.param(httpx.ConnectError("refused"), 502, "upstream_unreachable", id="refused"),
-        pytest.param(httpx.ReadTimeout("slow"), 504, "upstream_timeout", id="timeout"),
-        pytest.param(httpx.RemoteProtocolError("eof"), 502, "upstream_unreachable", id="protocol"),
+        pytest.param("close", 502, "upstream_unreachable", id="closed"),
+        pytest.param("hang", 504, "upstream_timeout", id="timeout"),
+        pytest.param("garbage", 502, "upstream_unreachable", id="protocol"),
     ],
 )
 async def test_upstream_failures(
-    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, exception: Exception, status: int, reason: str
+    tmp_path: Path, signer: Signer, upstream: Upstream, exception: Behaviour, status: int, reason: str
 ) -> None:
-    httpx_mock.add_exception(exception, url=f"{UPSTREAM}/slurm/v0.0.38/jobs", is_reusable=True)
-    async with app_client(make_settings(tmp_path)) as client:
+    upstream.add_exception(exception, url=f"{UPSTREAM}/slurm/v0.0.38/jobs", is_reusable=True)
+    async with app_client(make_settings(tmp_path, upstream={"timeout_seconds": 0.3})) as client:
         response = await client.get("/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {signer.token()}"})
     assert response.status_code == status
     body = response.json()
@@ -156,12 +159,12 @@ async def test_upstream_failures(
 
 
 async def test_oversized_body_is_refused_before_forwarding(
-    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
 ) -> None:
     async with app_client(make_settings(tmp_path, server={"max_body_bytes": 2048})) as client:
         response = await client.post(SUBMIT, content=b"x" * 4096, headers={"Authorization": f"Bearer {signer.token()}"})
     assert response.status_code == 413
-    assert upstream_requests(httpx_mock) == []
+    assert upstream.get_requests() == []
 
 
 async def test_bad_path_is_400_before_authentication(tmp_path: Path, httpx_mock: HTTPXMock) -> None:
@@ -172,26 +175,30 @@ async def test_bad_path_is_400_before_authentication(tmp_path: Path, httpx_mock:
     assert audit_lines(tmp_path)[0]["status"] == 400
 
 
-async def test_streamed_response_passes_through(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
+async def test_streamed_response_passes_through(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
+) -> None:
     big = {"jobs": [{"job_id": n, "name": "x" * 100} for n in range(2000)]}
-    httpx_mock.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json=big, headers={"X-Upstream": "yes"})
+    upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json=big, headers={"X-Upstream": "yes"})
     async with app_client(make_settings(tmp_path)) as client:
         response = await client.get("/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {signer.token()}"})
     assert response.json() == big
     assert response.headers["x-upstream"] == "yes"
 
 
-async def test_audit_failure_fails_closed(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
+async def test_audit_failure_fails_closed(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
+) -> None:
     settings = make_settings(tmp_path, audit={"sink": "file", "file": "/dev/full"})
-    httpx_mock.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json={"jobs": []}, is_optional=True)
+    upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json={"jobs": []}, is_optional=True)
     async with app_client(settings) as client:
         response = await client.get("/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {signer.token()}"})
     assert response.status_code == 503
     assert response.json()["slurmproxy"]["reason"] == "audit_unavailable"
 
 
-async def test_live_and_ready(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
-    httpx_mock.add_response(url=f"{UPSTREAM}/openapi/v3", json={"openapi": "3.0"})
+async def test_live_and_ready(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream) -> None:
+    upstream.add_response(url=f"{UPSTREAM}/openapi/v3", json={"openapi": "3.0"})
     async with app_client(make_settings(tmp_path)) as client:
         assert (await client.get("/_slurmproxy/live")).json() == {"status": "ok"}
         ready = await client.get("/_slurmproxy/ready")
@@ -199,8 +206,10 @@ async def test_live_and_ready(tmp_path: Path, httpx_mock: HTTPXMock, signer: Sig
     assert ready.json()["checks"]["issuers"] == {ISSUER: "keys loaded"}
 
 
-async def test_not_ready_when_upstream_is_down(tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer) -> None:
-    httpx_mock.add_exception(httpx.ConnectError("down"), url=f"{UPSTREAM}/openapi/v3")
+async def test_not_ready_when_upstream_is_down(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
+) -> None:
+    upstream.add_exception("close", url=f"{UPSTREAM}/openapi/v3")
     async with app_client(make_settings(tmp_path)) as client:
         ready = await client.get("/_slurmproxy/ready")
     assert ready.status_code == 503
@@ -208,7 +217,7 @@ async def test_not_ready_when_upstream_is_down(tmp_path: Path, httpx_mock: HTTPX
 
 
 async def test_provider_outage_is_503_json_for_a_checkin_token(
-    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
 ) -> None:
     userinfo = f"{ISSUER}/protocol/openid-connect/userinfo"
     httpx_mock.add_exception(httpx.ConnectError("refused"), url=userinfo)
@@ -220,7 +229,7 @@ async def test_provider_outage_is_503_json_for_a_checkin_token(
     assert response.headers["content-type"] == "application/json"
     assert "www-authenticate" not in response.headers
     assert response.json()["slurmproxy"]["reason"] == "provider_unreachable"
-    assert upstream_requests(httpx_mock) == []
+    assert upstream.get_requests() == []
     (record,) = audit_lines(tmp_path)
     assert record["decision"] == "error" and record["status"] == 503 and record["reason"] == "provider_unreachable"
     assert token not in (tmp_path / "audit.log").read_text()
@@ -234,9 +243,9 @@ async def test_provider_outage_is_503_json_for_a_checkin_token(
     ],
 )
 async def test_audit_client_comes_from_forwarding_headers_only_behind_a_trusted_proxy(
-    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, trusted: list[str], client: str
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, trusted: list[str], client: str, upstream: Upstream
 ) -> None:
-    httpx_mock.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/job/77", json={"jobs": []})
+    upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/job/77", json={"jobs": []})
     headers = {
         "Authorization": f"Bearer {signer.token()}",
         "X-Forwarded-For": "10.6.6.6, 198.51.100.20",

@@ -16,6 +16,7 @@ from slurmproxy.policy.model import BucketSpec, RateLimitSpec, RuleSpec
 from slurmproxy.ratelimit import RateLimiter, vo_of
 from slurmproxy.tokens import Principal
 from tests.asgi import app_client
+from tests.fakeupstream import ThreadedFakeSlurmrestd as Upstream
 from tests.helpers import (
     ISSUER,
     JWKS_URI,
@@ -202,11 +203,11 @@ def test_policy_file_carries_rate_limit_to_the_compiled_rule(tmp_path: Path) -> 
 
 
 @pytest.mark.anyio
-async def test_429_reaches_the_client_and_the_audit(tmp_path: Path, httpx_mock: HTTPXMock) -> None:
+async def test_429_reaches_the_client_and_the_audit(tmp_path: Path, httpx_mock: HTTPXMock, upstream: Upstream) -> None:
     signer = Signer()
     httpx_mock.add_response(url=f"{ISSUER}/.well-known/openid-configuration", json=discovery(), is_reusable=True)
     httpx_mock.add_response(url=JWKS_URI, json=signer.jwks(), is_reusable=True)
-    httpx_mock.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/ping", json={"pings": []}, is_reusable=True)
+    upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/ping", json={"pings": []}, is_reusable=True)
     limits = {"per_identity": {"requests": 1, "period_seconds": 3600, "burst": 2}}
     settings = make_settings(tmp_path, basic_policy(rate_limit=limits))
     headers = {"Authorization": f"Bearer {signer.token()}"}
@@ -225,7 +226,7 @@ async def test_429_reaches_the_client_and_the_audit(tmp_path: Path, httpx_mock: 
     assert refused["reason"] == "rate_limited" and refused["decision"] == "deny"
     assert refused["rule"] == "members" and refused["subject"] == "alice@example.org"
     assert refused["upstream_status"] is None and refused["local_user"] is None
-    assert len([r for r in httpx_mock.get_requests() if str(r.url).startswith(UPSTREAM)]) == 3
+    assert len(upstream.get_requests()) == 3
 
 
 def test_policy_check_shows_the_rate_limits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

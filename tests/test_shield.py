@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 
 from slurmproxy.errors import UpstreamError
@@ -19,6 +19,23 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class Body:
+    """A response body in two chunks, as a connection would deliver it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.closed = False
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        half = len(self.data) // 2
+        for chunk in (self.data[:half], self.data[half:]):
+            if chunk:
+                yield chunk
+
+    async def aclose(self) -> None:
+        self.closed = True
 
 
 class Upstream:
@@ -39,9 +56,7 @@ class Upstream:
             raise self.fail
         body = self.body + str(number).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        return UpstreamResponse(
-            self.status, headers, httpx.Response(self.status, headers=headers, stream=httpx.ByteStream(body))
-        )
+        return UpstreamResponse(self.status, headers, Body(body))
 
 
 def key(user: str = "alice", path: str = JOBS, query: bytes = b"") -> tuple[str, str, str, bytes]:

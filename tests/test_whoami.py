@@ -8,7 +8,8 @@ import pytest
 from pytest_httpx import HTTPXMock
 
 from tests.asgi import app_client, app_session
-from tests.helpers import ISSUER, OTHER_VO, UPSTREAM, VO_MEMBER, Signer, make_settings
+from tests.fakeupstream import ThreadedFakeSlurmrestd as Upstream
+from tests.helpers import ISSUER, OTHER_VO, VO_MEMBER, Signer, make_settings
 
 pytestmark = pytest.mark.anyio
 WHOAMI = "/_slurmproxy/whoami"
@@ -38,7 +39,7 @@ def policy() -> dict[str, Any]:
 
 
 async def test_whoami_tells_identity_entitlements_account_and_operations(
-    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer
+    tmp_path: Path, signer: Signer, upstream: Upstream
 ) -> None:
     token = signer.token(eduperson_entitlement=[VO_MEMBER, "urn:mace:egi.eu:res:x#aai.egi.eu", "junk"])
     async with app_client(make_settings(tmp_path, policy())) as client:
@@ -66,7 +67,7 @@ async def test_whoami_tells_identity_entitlements_account_and_operations(
     # a rule whose mapping is unsafe says so
     assert second["mapping"] == {"refused": "account_refused: local account 'root' is refused: it is root"}
     assert "vo-b" not in json.dumps(body)  # rules that do not admit the caller are not disclosed
-    assert [r for r in httpx_mock.get_requests() if str(r.url).startswith(UPSTREAM)] == []
+    assert upstream.get_requests() == []
     (record,) = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     assert (record["request_id"], record["operation"], record["decision"], record["local_user"]) == (
         "me-1",
