@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from slurmproxy.errors import DependencyError, ProxyError
 from slurmproxy.httpserver import BodyDeadline
@@ -104,7 +105,26 @@ async def _warm(runtime: Runtime) -> None:
     await asyncio.gather(*(one(p) for p in runtime.providers))
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+class SlurmProxyApp:
+    """The proxy's own endpoints (under /_slurmproxy/, and the metrics path) go through Starlette; every other
+    request goes straight into the pipeline, without routing and middleware layers on the hot path."""
+
+    def __init__(self, own: Starlette, proxy: ASGIApp, metrics_path: str | None) -> None:
+        self.starlette = own
+        self.router = own.router
+        self._proxy = proxy
+        self._metrics_path = metrics_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if not path.startswith(PREFIX + "/") and path != self._metrics_path:
+                await self._proxy(scope, receive, send)
+                return
+        await self.starlette(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> SlurmProxyApp:
     """Build the ASGI app. Without settings, reads the file named by $SLURMPROXY_CONFIG (for uvicorn workers)."""
     if settings is None:
         path = os.environ.get(CONFIG_ENV)
@@ -129,9 +149,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route(f"{PREFIX}/ready", ready, methods=["GET"]),
         Route(f"{PREFIX}/whoami", WhoamiEndpoint(), methods=["GET"]),
         *metrics_routes(final_settings),
-        Route("/{path:path}", proxy),
+        Route("/{path:path}", proxy),  # reached only through the Starlette app (own paths that match no route)
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    own = Starlette(routes=routes, lifespan=lifespan)
     # Targets no route matches (a decoded CR/LF in the path, "*") still get the proxy's JSON 400 and a record.
-    app.router.default = proxy
-    return app
+    own.router.default = proxy
+    return SlurmProxyApp(own, proxy, final_settings.metrics.path if final_settings.metrics.enabled else None)

@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -77,6 +77,7 @@ class AuditRecord:
     job_id: int | None = None
     latency_ms: float = 0.0
     upstream_ms: float | None = None
+    served_from: Literal["upstream", "coalesced", "cache"] | None = None  # see shield.py; null if not forwarded
     started: float = field(default_factory=time.perf_counter, repr=False)
 
     def set_principal(self, principal: Principal) -> None:
@@ -103,8 +104,11 @@ class AuditRecord:
 
     def data(self, pseudonym_key: bytes | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {"schema": SCHEMA, "time": datetime.now(UTC).isoformat(timespec="milliseconds")}
-        data.update(asdict(self))
-        data.pop("started")
+        # A shallow copy (dataclasses.asdict deep-copies, at a fifth of a forwarded request's CPU time).
+        for name in _FIELDS:
+            data[name] = getattr(self, name)
+        if data["mapping_detail"] is not None:
+            data["mapping_detail"] = dict(data["mapping_detail"])
         if data["job_id"] is None and (match := _JOB_PATH.fullmatch(self.path)):
             data["job_id"] = int(match["job"])
         for name, limit in _LIMITS.items():
@@ -130,6 +134,9 @@ class AuditRecord:
             data[name] = [] if name == "vos" else (data[name] or "")[:64] or None
             line = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
         return line
+
+
+_FIELDS = tuple(f.name for f in fields(AuditRecord) if f.name != "started")
 
 
 def pseudonym(key: bytes, issuer: str, subject: str) -> str:

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client import (
@@ -55,6 +56,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry = CollectorRegistry()
         if not self.multiprocess:  # process metrics are per process; multiprocess mode cannot add them up
             ProcessCollector(registry=r)
@@ -118,9 +120,19 @@ class Metrics:
 
     # -- the API ---------------------------------------------------------------------------------
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: prometheus-client takes a lock and builds the child each call."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*labels)
+            if len(self._children) < 10_000:  # label sets are few; the bound is a safety net
+                self._children[key] = child
+        return child
+
     def observe_request(self, record: AuditRecord) -> None:
-        self.requests.labels(record.decision, str(record.status), record.rule or "", record.reason).inc()
-        self.request_seconds.labels(record.decision).observe(record.latency_ms / 1000)
+        self._child(self.requests, record.decision, str(record.status), record.rule or "", record.reason).inc()
+        self._child(self.request_seconds, record.decision).observe(record.latency_ms / 1000)
         if record.upstream_ms is not None:
             self.upstream_seconds.observe(record.upstream_ms / 1000)
         for prefix, dependency in DEPENDENCY_PREFIXES.items():
@@ -128,7 +140,7 @@ class Metrics:
                 self.dependency_errors.labels(dependency, record.reason).inc()
 
     def cache_lookup(self, cache: str, hit: bool) -> None:
-        self.cache.labels(cache, "hit" if hit else "miss").inc()
+        self._child(self.cache, cache, "hit" if hit else "miss").inc()
 
     def dependency_error(self, dependency: str, reason: str) -> None:
         self.dependency_errors.labels(dependency, reason).inc()

@@ -14,7 +14,6 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 
-from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from slurmproxy.audit import AuditRecord, AuditWriteError
@@ -28,8 +27,9 @@ from slurmproxy.errors import (
 from slurmproxy.forwarded import client_address
 from slurmproxy.logs import request_id_var
 from slurmproxy.paths import canonical_path, check_query
-from slurmproxy.responses import error_response
+from slurmproxy.reply import Reply, error_reply
 from slurmproxy.runtime import Runtime
+from slurmproxy.shield import ShieldResult
 from slurmproxy.upstream import UpstreamResponse, client_headers, normalized, send
 
 logger = logging.getLogger("slurmproxy.proxy")
@@ -122,34 +122,38 @@ class ProxyEndpoint:
             peer=peer,
             user_agent=(_header(scope, b"user-agent") or "")[:256] or None,
         )
-        upstream: UpstreamResponse | None = None
         try:
-            response, upstream = await self._handle(scope, receive, runtime, record)
+            reply = await self._handle(scope, receive, runtime, record)
         except ProxyError as error:
-            record.status = error.status_code
-            record.reason = error.reason
-            record.detail = error.detail
-            record.decision = "deny" if error.status_code < 500 else "error"
-            if error.status_code >= 500:
-                logger.warning("%s %s failed: %s (%s)", record.method, record.path, error.reason, error.detail)
-            response = error_response(error, request_id)
+            reply = self._refused(record, error)
+        except Exception:
+            # A bug, not a decision: the caller still gets JSON, and the request still gets its record.
+            logger.exception("%s %s failed unexpectedly", record.method, record.path)
+            reply = self._refused(record, ProxyError("the proxy failed unexpectedly; see its log"))
         try:
             runtime.audit.emit(record)
         except AuditWriteError as exc:
             logger.error("%s; refusing the request", exc)
-            if upstream is not None:
-                await upstream.aclose()
+            await reply.discard()
             record.status, record.decision, record.reason = 503, "error", "audit_unavailable"
-            response = error_response(
+            reply = error_reply(
                 DependencyError("the audit log cannot be written; refusing to answer", reason="audit_unavailable"),
                 request_id,
             )
         runtime.metrics.observe_request(record)
-        await response(scope, receive, send_)
+        await reply.send(send_)
 
-    async def _handle(
-        self, scope: Scope, receive: Receive, runtime: Runtime, record: AuditRecord
-    ) -> tuple[Response, UpstreamResponse | None]:
+    @staticmethod
+    def _refused(record: AuditRecord, error: ProxyError) -> Reply:
+        record.status = error.status_code
+        record.reason = error.reason
+        record.detail = error.detail
+        record.decision = "deny" if error.status_code < 500 else "error"
+        if error.status_code >= 500:
+            logger.warning("%s %s failed: %s (%s)", record.method, record.path, error.reason, error.detail)
+        return error_reply(error, record.request_id)
+
+    async def _handle(self, scope: Scope, receive: Receive, runtime: Runtime, record: AuditRecord) -> Reply:
         method: str = scope["method"]
         path = canonical_path(scope.get("raw_path") or scope["path"].encode())
         record.path = path
@@ -190,23 +194,45 @@ class ProxyEndpoint:
         if length is not None:
             headers.append((b"content-length", length.encode()))
         runtime.audit.check_room()  # fail closed before slurmrestd acts, not after
-        with record.upstream_timer():
+
+        async def forward() -> UpstreamResponse:
             upstream = await send(
                 runtime.upstream, method=method, path=path, query=query, headers=headers, content=content
             )
-        record.upstream_status = record.status = upstream.status_code
-        await runtime.upstream_auth.check(upstream, path=path, user=account.name, headers=credential)
+            record.upstream_status = upstream.status_code
+            await runtime.upstream_auth.check(upstream, path=path, user=account.name, headers=credential)
+            return upstream
+
+        with record.upstream_timer():
+            if runtime.shield.applies(method, path):
+                result = await runtime.shield.fetch((account.name, method, path, query), forward)
+                record.served_from = result.source
+                runtime.metrics.cache_lookup("shield", result.source != "upstream")
+            else:
+                result = ShieldResult("upstream", stream=await forward())
+                record.served_from = "upstream"
+        reply = _reply(result, record.request_id)
+        record.upstream_status = record.status = reply.status
         record.decision, record.reason, record.detail = "allow", "allowed", None
-        raw_headers = [(k, v) for k, v in upstream.headers if normalized(k) != b"x-request-id"]
-        raw_headers.append((b"x-request-id", record.request_id.encode()))
+        if decision.operation.group == "submit" and reply.stream is not None:
+            reply.body = await reply.stream.body(MAX_INSPECTED_RESPONSE)
+            await reply.stream.aclose()
+            reply.stream = None
+            reply.headers = [(k, v) for k, v in reply.headers if k.lower() != b"content-length"]
+            reply.headers.append((b"content-length", str(len(reply.body)).encode()))
         if decision.operation.group == "submit":
-            body = await upstream.body(MAX_INSPECTED_RESPONSE)
-            await upstream.aclose()
-            record.job_id = job_id_from(body)
-            response = Response(body, status_code=upstream.status_code)
-            response.raw_headers = [(k, v) for k, v in raw_headers if k.lower() != b"content-length"]
-            response.raw_headers.append((b"content-length", str(len(body)).encode()))
-            return response, None
-        streaming = StreamingResponse(upstream.stream(), status_code=upstream.status_code)
-        streaming.raw_headers = raw_headers
-        return streaming, upstream
+            record.job_id = job_id_from(reply.body)
+        return reply
+
+
+def _reply(result: ShieldResult, request_id: str) -> Reply:
+    source = result.shared if result.shared is not None else result.stream
+    assert source is not None
+    headers = [(k, v) for k, v in source.headers if normalized(k) != b"x-request-id"]
+    headers.append((b"x-request-id", request_id.encode()))
+    if result.source == "cache":
+        headers.append((b"age", str(int(result.age)).encode()))
+    if result.shared is not None:
+        return Reply(result.shared.status_code, headers, result.shared.body)
+    assert result.stream is not None
+    return Reply(result.stream.status_code, headers, stream=result.stream)

@@ -20,6 +20,7 @@ from slurmproxy.policy.stats import PolicyStats
 from slurmproxy.provider import ProviderClient
 from slurmproxy.ratelimit import RateLimiter
 from slurmproxy.settings import Settings
+from slurmproxy.shield import Shield, shield_from
 from slurmproxy.tokens import TokenValidator, build_validator
 from slurmproxy.upstream import create_client
 from slurmproxy.upstreamauth import UpstreamAuthCheck
@@ -40,6 +41,7 @@ class Runtime:
     policy_reloader: PolicyReloader | None = None  # swaps `policy` on SIGHUP and file changes
     policy_stats: PolicyStats = field(default_factory=PolicyStats)
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)
+    shield: Shield = field(default_factory=Shield)  # coalescing and the short response cache (shield.py)
 
     @property
     def api_versions(self) -> tuple[str, ...]:
@@ -90,6 +92,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 apis=apis,
                 upstream_auth=UpstreamAuthCheck(upstream),
                 metrics=metrics,
+                shield=shield_from(settings.shield),
             )
             runtime.policy_reloader = PolicyReloader(
                 settings.policy.paths,

@@ -525,6 +525,32 @@ class MetricsSettings(_Section):
         return value
 
 
+class ShieldCacheRule(_Section):
+    path: str = Field(description="A path pattern, as in policy files (e.g. /slurm/{version}/jobs).")
+    ttl_seconds: float = Field(gt=0, le=60, description="How long an answer may be served again.")
+
+    @field_validator("path")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        from slurmproxy.policy.operations import compile_path
+
+        compile_path(value)  # raises ValueError naming the problem
+        return value
+
+
+class ShieldSettings(_Section):
+    coalesce: bool = Field(
+        True, description="Concurrent identical GETs for one local account share one upstream request. Defaults to on."
+    )
+    cache: tuple[ShieldCacheRule, ...] = Field(
+        (), description="Per-path short response cache, per local account. Defaults to none (off)."
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Larger answers are streamed, not shared. Defaults to 32 MiB."
+    )
+    max_entries: int = Field(4096, ge=1, description="Cached answers kept per worker. Defaults to 4096.")
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json", description="Application logs as JSON lines.")
@@ -548,6 +574,7 @@ class Settings(BaseSettings):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    shield: ShieldSettings = Field(default_factory=ShieldSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")

@@ -25,6 +25,7 @@ from typing import Literal
 from cachetools import TTLCache
 
 from slurmproxy.policy.operations import compile_path
+from slurmproxy.settings import ShieldSettings
 from slurmproxy.upstream import UpstreamResponse
 
 Key = tuple[str, str, str, bytes]
@@ -56,8 +57,14 @@ class CacheRule:
     pattern: str
     ttl_seconds: float
 
-    def matches(self, path: str) -> bool:
-        return compile_path(self.pattern).fullmatch(path) is not None
+
+def shield_from(settings: ShieldSettings) -> Shield:
+    return Shield(
+        [CacheRule(rule.path, rule.ttl_seconds) for rule in settings.cache],
+        coalesce=settings.coalesce,
+        max_entries=settings.max_entries,
+        max_body_bytes=settings.max_body_bytes,
+    )
 
 
 class Shield:

@@ -107,7 +107,7 @@ class UpstreamResponse:
     status_code: int
     headers: list[tuple[bytes, bytes]]
     response: RawBody
-    _peeked: list[bytes] = field(default_factory=list)  # chunks read by peek(), replayed by body() and stream()
+    _peeked: list[bytes] = field(default_factory=list)  # chunks read by peek(), replayed by body() and chunks()
     _raw: AsyncIterator[bytes] | None = None
 
     def _upstream_chunks(self) -> AsyncIterator[bytes]:
@@ -115,7 +115,8 @@ class UpstreamResponse:
             self._raw = self.response.aiter_raw()
         return self._raw
 
-    async def _chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (after what peek() read); the caller closes the response."""
         while self._peeked:
             yield self._peeked.pop(0)
         try:
@@ -125,7 +126,7 @@ class UpstreamResponse:
             raise _mapped(exc) from exc
 
     async def peek(self, limit: int) -> bytes | None:
-        """The whole body if it has at most ``limit`` bytes, else None; either way still sent on by body()/stream()."""
+        """The whole body if it has at most ``limit`` bytes, else None; either way still sent on by body()/chunks()."""
         size = sum(len(chunk) for chunk in self._peeked)
         try:
             async for chunk in self._upstream_chunks():
@@ -140,20 +141,13 @@ class UpstreamResponse:
     async def body(self, limit: int) -> bytes:
         chunks: list[bytes] = []
         size = 0
-        async for chunk in self._chunks():
+        async for chunk in self.chunks():
             size += len(chunk)
             if size > limit:
                 await self.aclose()
                 raise UpstreamError("slurmrestd's answer is too large to inspect", reason="upstream_too_large")
             chunks.append(chunk)
         return b"".join(chunks)
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._chunks():
-                yield chunk
-        finally:
-            await self.response.aclose()
 
     async def aclose(self) -> None:
         await self.response.aclose()

@@ -33,6 +33,7 @@ class Answer:
     reusable: bool = False
     optional: bool = False
     chunked: bool = False
+    delay: float = 0.0
     used: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -125,13 +126,25 @@ class FakeSlurmrestd:
         is_reusable: bool = False,
         is_optional: bool = False,
         chunked: bool = False,
+        delay: float = 0.0,
     ) -> None:
         body = jsonlib.dumps(json).encode() if json is not None else (content or (text or "").encode())
         raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         if json is not None and not any(k == b"content-type" for k, _ in raw):
             raw.append((b"content-type", b"application/json"))
         self.answers.append(
-            Answer(method, self._path(url, path), status_code, raw, body, "respond", is_reusable, is_optional, chunked)
+            Answer(
+                method,
+                self._path(url, path),
+                status_code,
+                raw,
+                body,
+                "respond",
+                is_reusable,
+                is_optional,
+                chunked,
+                delay,
+            )
         )
 
     def add_exception(
@@ -211,6 +224,8 @@ class FakeSlurmrestd:
             answer = Answer(None, None, 599, [], b'{"errors":[{"error":"no answer registered"}]}')
         if answer.behaviour == "close":
             return False
+        if answer.delay:
+            await asyncio.sleep(answer.delay)
         if answer.behaviour == "hang":
             assert self._stopping is not None
             await self._stopping.wait()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -260,3 +261,60 @@ async def test_audit_client_comes_from_forwarding_headers_only_behind_a_trusted_
     assert record["vo"] == "vo.example.org" and record["vos"] == ["vo.example.org"]
     assert record["job_id"] == 77 and record["operation"] == "read-only"
     assert record["upstream_ms"] is not None and record["latency_ms"] >= record["upstream_ms"]
+
+
+async def test_identical_concurrent_gets_share_one_upstream_request(
+    tmp_path: Path, signer: Signer, upstream: Upstream
+) -> None:
+    upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json={"jobs": [1]}, delay=0.3)
+    headers = {"Authorization": f"Bearer {signer.token()}"}
+    async with app_client(make_settings(tmp_path)) as client:
+        answers = await asyncio.gather(*(client.get("/slurm/v0.0.38/jobs", headers=headers) for _ in range(20)))
+    assert [a.status_code for a in answers] == [200] * 20
+    assert {a.content for a in answers} == {b'{"jobs": [1]}'}
+    assert len(upstream.get_requests()) == 1
+    records = audit_lines(tmp_path)
+    assert len(records) == 20 and len({r["request_id"] for r in records}) == 20
+    assert sorted(r["served_from"] for r in records) == ["coalesced"] * 19 + ["upstream"]
+    assert {r["local_user"] for r in records} == {"alice"}
+
+
+async def test_response_cache_is_per_local_account_and_bounded_by_its_ttl(
+    tmp_path: Path, signer: Signer, upstream: Upstream
+) -> None:
+    upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json={"jobs": ["alice"]})
+    upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json={"jobs": ["svc"]})
+    upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json={"jobs": ["alice-later"]})
+    settings = make_settings(tmp_path, shield={"cache": [{"path": "/slurm/{version}/jobs", "ttl_seconds": 0.5}]})
+    alice = {"Authorization": f"Bearer {signer.token()}"}
+    bob = {"Authorization": f"Bearer {signer.token(sub='bob@example.org')}"}  # mapped to svc-alpha
+    async with app_client(settings) as client:
+        first = await client.get("/slurm/v0.0.38/jobs", headers=alice)
+        again = await client.get("/slurm/v0.0.38/jobs", headers=alice)
+        other = await client.get("/slurm/v0.0.38/jobs", headers=bob)
+        await asyncio.sleep(0.6)
+        later = await client.get("/slurm/v0.0.38/jobs", headers=alice)
+    assert first.json() == again.json() == {"jobs": ["alice"]}
+    assert "age" in again.headers and "age" not in first.headers
+    assert other.json() == {"jobs": ["svc"]}
+    assert later.json() == {"jobs": ["alice-later"]}
+    assert [r.headers["x-slurm-user-name"] for r in upstream.get_requests()] == ["alice", "svc-alpha", "alice"]
+    assert [r["served_from"] for r in audit_lines(tmp_path)] == ["upstream", "cache", "upstream", "upstream"]
+
+
+async def test_a_bug_still_gets_json_and_a_record(
+    tmp_path: Path, signer: Signer, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slurmproxy.identity import IdentityMapper
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(IdentityMapper, "map", broken)
+    async with app_client(make_settings(tmp_path)) as client:
+        response = await client.get("/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {signer.token()}"})
+    assert response.status_code == 500
+    assert response.json()["slurmproxy"]["reason"] == "internal_error"
+    (record,) = audit_lines(tmp_path)
+    assert record["status"] == 500 and record["decision"] == "error" and record["subject"] == "alice@example.org"
+    assert upstream.get_requests() == []
