@@ -41,7 +41,7 @@ MODES: dict[str, dict[str, Any]] = {
     "coalesce": {"coalesce": True},
     "cache": {"coalesce": True, "cache": [{"path": "/slurm/{version}/jobs", "ttl_seconds": 2}]},
 }
-IGNORED_RPCS = {"REQUEST_STATS_INFO"}  # sdiag's own
+IGNORED_RPCS = {"REQUEST_STATS_INFO"}  # sdiag's own (as root or the SlurmUser)
 
 
 def policy(issuer: str, subjects: list[str], accounts: int) -> dict[str, Any]:
@@ -92,7 +92,9 @@ def run_mode(
         url = f"{server.url}/slurm/{slurm.api_versions[-1]}/jobs"
         slurm.reset_diag()
         statuses, seconds = asyncio.run(storm(url, tokens, args.polls, args.interval))
-        rpcs = {k: v for k, v in slurm.diag().items() if k not in IGNORED_RPCS}
+        diag = slurm.diag()
+        rpcs = {k: v for k, v in diag.items() if k != "total" and not k.startswith("user:") and k not in IGNORED_RPCS}
+        users = {k.removeprefix("user:") for k in diag if k.startswith("user:")} - {"root", slurm.slurm_user}
         served = Counter(str(r.get("served_from")) for r in server.audit_records())
     polls = sum(statuses.values())
     return {
@@ -104,6 +106,7 @@ def run_mode(
         "slurmctld_rpcs": sum(rpcs.values()),
         "job_info_rpcs": rpcs.get("REQUEST_JOB_INFO", 0),
         "rpcs_by_type": rpcs,
+        "accounts_seen_by_slurmctld": len(users),
         "served_from": dict(served),
     }
 

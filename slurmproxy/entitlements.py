@@ -18,6 +18,7 @@ that say ``:group:`` but break the syntax).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ def parse(value: object) -> Entitlement | None:
     """The parsed entitlement, or None for anything that is not an AARC-G002 group entitlement."""
     if not isinstance(value, str) or not value or len(value) > MAX_ENTITLEMENT_LENGTH:
         return None
+    return _parse(value)
+
+
+@functools.lru_cache(maxsize=4096)  # every request parses its token's entitlements; a few hundred distinct are usual
+def _parse(value: str) -> Entitlement | None:
     try:
         decoded = unquote(value, errors="strict")
     except UnicodeDecodeError:

@@ -70,6 +70,8 @@ class Origin:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("the URL must not contain a user name or password")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return cls(parts.scheme, parts.hostname, port, None, parts.netloc.encode("ascii"))
 
@@ -82,6 +84,7 @@ class _Connection(asyncio.Protocol):
         self.read_timeout = read_timeout
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.idle = False  # pooled, between requests: any byte arriving now is not ours to read
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self.head_request = False
@@ -109,6 +112,9 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
 
     def data_received(self, data: bytes) -> None:
+        if self.idle:
+            self._fail(ConnectionClosed("the upstream sent data between requests"))
+            return
         self.received_any = True
         try:
             self._parser.feed_data(data)
@@ -139,6 +145,12 @@ class _Connection(asyncio.Protocol):
         self._can_write.set()
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second answer to one request (or bytes after the answer's end): never read as part of
+            # this answer, and never left for the next request on this connection.
+            raise httptools.HttpParserError("data after the end of the answer")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > _MAX_HEADER_BYTES:
@@ -221,6 +233,7 @@ class _Connection(asyncio.Protocol):
     def recycle(self, now: float) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._reset()
+        self.idle = True
         self.idle_since = now
 
     def close(self) -> None:
@@ -367,6 +380,7 @@ class ConnectionPool:
     async def _exchange(
         self, conn: _Connection, method: str, head: bytes, body: bytes | AsyncIterator[bytes] | None
     ) -> None:
+        conn.idle = False
         conn.head_request = method == "HEAD"
         if body is None or isinstance(body, bytes):
             await conn.write(head + (body or b""))

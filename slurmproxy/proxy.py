@@ -29,7 +29,7 @@ from slurmproxy.logs import request_id_var
 from slurmproxy.paths import canonical_path, check_query
 from slurmproxy.reply import Reply, error_reply
 from slurmproxy.runtime import Runtime
-from slurmproxy.shield import ShieldResult
+from slurmproxy.shield import ShieldResult, variant
 from slurmproxy.upstream import UpstreamResponse, client_headers, normalized, send
 
 logger = logging.getLogger("slurmproxy.proxy")
@@ -186,10 +186,9 @@ class ProxyEndpoint:
 
         content = authorized.body if authorized.body is not None else await _request_content(scope, receive, limit)
         rid_header = runtime.settings.server.request_id_header.lower().encode()
-        headers = [(k, v) for k, v in client_headers(scope["headers"]) if normalized(k) != rid_header]
+        forwarded = [(k, v) for k, v in client_headers(scope["headers"]) if normalized(k) != rid_header]
         credential = runtime.credentials.headers_for(account.name)
-        headers.extend(credential)
-        headers.append((rid_header, record.request_id.encode()))
+        headers = [*forwarded, *credential, (rid_header, record.request_id.encode())]
         length = str(len(authorized.body)) if authorized.body is not None else _header(scope, b"content-length")
         if length is not None:
             headers.append((b"content-length", length.encode()))
@@ -204,8 +203,9 @@ class ProxyEndpoint:
             return upstream
 
         with record.upstream_timer():
-            if runtime.shield.applies(method, path):
-                result = await runtime.shield.fetch((account.name, method, path, query), forward)
+            if content is None and runtime.shield.applies(method, path):
+                key = (account.name, method, path, query, variant(forwarded))
+                result = await runtime.shield.fetch(key, forward)
                 record.served_from = result.source
                 runtime.metrics.cache_lookup("shield", result.source != "upstream")
             else:
@@ -233,6 +233,6 @@ def _reply(result: ShieldResult, request_id: str) -> Reply:
     if result.source == "cache":
         headers.append((b"age", str(int(result.age)).encode()))
     if result.shared is not None:
-        return Reply(result.shared.status_code, headers, result.shared.body)
+        return Reply(result.shared.status_code, headers, result.shared.body, keep=result.shared)
     assert result.stream is not None
     return Reply(result.stream.status_code, headers, stream=result.stream)

@@ -28,6 +28,7 @@ class Reply:
     headers: list[tuple[bytes, bytes]]
     body: bytes = b""
     stream: UpstreamResponse | None = field(default=None)
+    keep: object = None  # kept alive until sent: the shield counts a shared body's bytes until its last holder goes
 
     async def send(self, send: Send) -> None:
         if self.stream is None:

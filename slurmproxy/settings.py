@@ -549,6 +549,12 @@ class ShieldSettings(_Section):
         32 * 1024 * 1024, ge=1024, description="Larger answers are streamed, not shared. Defaults to 32 MiB."
     )
     max_entries: int = Field(4096, ge=1, description="Cached answers kept per worker. Defaults to 4096.")
+    max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="All answer bodies the shield holds per worker (being shared, sent or cached); an answer "
+        "that would pass it is streamed to its own request instead. Defaults to 256 MiB.",
+    )
 
 
 class LogSettings(_Section):

@@ -1,23 +1,27 @@
 """The polling shield: fewer slurmctld RPCs when tools poll job state.
 
 Two mechanisms, both keyed on the **local account** the request is forwarded as, the method, the
-canonical path and the query string (slurmrestd's answer depends only on those: the Slurm
-identity in the credential, and the request):
+canonical path, the query string and the request headers that are forwarded (all but a few that
+cannot change slurmrestd's answer, such as User-Agent): slurmrestd's answer depends only on the
+Slurm identity in the credential and on the request.
 
-* **coalescing** (on by default): concurrent identical GETs share one upstream request; every
-  waiter gets the same status, headers and body, and every request still gets its own audit
-  record;
+* **coalescing** (on by default): concurrent identical GETs without a body share one upstream
+  request; every waiter gets the same status, headers and body, and every request still gets its
+  own audit record;
 * **a short response cache** (off by default): per path pattern, a TTL of a few seconds; only 200
-  answers are kept, never served after their TTL, never across local accounts.
+  answers are kept, never served once older than their TTL (counted from when the request was
+  sent), never across local accounts.
 
-Bodies are buffered to be shared, up to ``max_body_bytes``; a larger answer is streamed to the
-request that fetched it and the others fetch their own.
+Bodies are buffered to be shared, each up to ``max_body_bytes`` and all together (being read,
+shared, sent or cached) up to ``max_bytes``; an answer that does not fit is streamed to the request
+that fetched it, and the others fetch their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -28,18 +32,47 @@ from slurmproxy.policy.operations import compile_path
 from slurmproxy.settings import ShieldSettings
 from slurmproxy.upstream import UpstreamResponse
 
-Key = tuple[str, str, str, bytes]
+Key = tuple[str, str, str, bytes, bytes]
+"""Local account, method, canonical path, query string, and the forwarded request headers (see :func:`variant`)."""
 Source = Literal["upstream", "coalesced", "cache"]
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_ENTRIES = 4096
+# Forwarded request headers that cannot change slurmrestd's answer; every other one is part of the key.
+_INVARIANT_HEADERS = frozenset({b"user-agent", b"x-request-id", b"traceparent", b"tracestate"})
 
 
-@dataclass(frozen=True, slots=True)
+def variant(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The request headers that go into the key: all forwarded ones except the invariant few, in order."""
+    return b"\n".join(k.lower() + b":" + v for k, v in headers if k.lower() not in _INVARIANT_HEADERS)
+
+
+class ByteBudget:
+    """Bytes of answer bodies held by the shield; a body gives its bytes back when the last reference goes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def free(self) -> int:
+        return max(0, self.limit - self.used)
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class SharedResponse:
     status_code: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
-    fetched_at: float
+    fetched_at: float  # when the request was sent: the answer is at least as fresh as that
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +97,7 @@ def shield_from(settings: ShieldSettings) -> Shield:
         coalesce=settings.coalesce,
         max_entries=settings.max_entries,
         max_body_bytes=settings.max_body_bytes,
+        max_bytes=settings.max_bytes,
     )
 
 
@@ -75,11 +109,13 @@ class Shield:
         coalesce: bool = True,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._rules = [(compile_path(r.pattern), r.ttl_seconds) for r in cache_rules or []]
         self._coalesce = coalesce
         self._max_body = max_body_bytes
+        self.budget = ByteBudget(max_bytes)
         self._clock = clock
         longest = max((ttl for _, ttl in self._rules), default=1.0)
         self._cache: TTLCache[Key, SharedResponse] = TTLCache(maxsize=max_entries, ttl=longest, timer=clock)
@@ -116,19 +152,40 @@ class Shield:
             return ShieldResult("coalesced", shared=result)
         return await self._lead(key, ttl, send)
 
+    def _room(self, size: int) -> bool:
+        if self.budget.take(size):
+            return True
+        self._cache.expire()  # answers past their TTL give their bytes back
+        return self.budget.take(size)
+
     async def _produce(
         self, ttl: float | None, key: Key, send: Callable[[], Awaitable[UpstreamResponse]]
     ) -> SharedResponse | UpstreamResponse:
         self.upstream_requests += 1
+        sent_at = self._clock()
         response = await send()
         length = _content_length(response)
-        if length is not None and length > self._max_body:
-            return response
-        try:
-            body = await response.body(self._max_body)
-        finally:
+        if length is not None:
+            if length > self._max_body or not self._room(length):
+                return response  # streamed to its own request: as if there were no shield
+            try:
+                body = await response.body(length)
+            except BaseException:
+                self.budget.give(length)
+                raise
+            finally:
+                await response.aclose()
+            self.budget.give(length - len(body))
+        else:
+            self._cache.expire()
+            peeked = await response.peek(min(self._max_body, self.budget.free()))
+            if peeked is None:
+                return response  # too large, or no room: streamed, the bytes read so far first
             await response.aclose()
-        shared = SharedResponse(response.status_code, response.headers, body, self._clock())
+            body = peeked
+            self.budget.used += len(body)  # may pass the limit by what concurrent unsized answers read
+        shared = SharedResponse(response.status_code, response.headers, body, sent_at)
+        weakref.finalize(shared, self.budget.give, len(body))
         if ttl is not None and shared.status_code == 200:
             self._cache[key] = shared
         return shared

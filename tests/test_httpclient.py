@@ -209,8 +209,56 @@ def test_origin_and_header_injection() -> None:
     assert Origin.parse("https://slurm.example.org").port == 443
     with pytest.raises(ValueError):
         Origin.parse("ftp://x")
+    with pytest.raises(ValueError, match="user name or password"):
+        Origin.parse("http://admin:secret@127.0.0.1:6820")
 
 
 async def test_header_values_with_newlines_are_refused(fake: FakeSlurmrestd) -> None:
     with pytest.raises(ValueError, match="CR, LF"):
         await ConnectionPool(fake.url).request("GET", "/", [(b"x-a", b"1\r\nX-SLURM-USER-NAME: root")])
+
+
+class AnswerThenMore:
+    """A server whose first answer on each connection is followed by ``extra`` (after ``pause``)."""
+
+    def __init__(self, extra: bytes, pause: float) -> None:
+        self.extra, self.pause = extra, pause
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + (b"" if self.pause else self.extra))
+        if self.pause:
+            await writer.drain()
+            await asyncio.sleep(self.pause)
+            writer.write(self.extra)
+        await writer.drain()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def stop(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.server.close()
+        await self.server.wait_closed()
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("pause", [0, 0.05], ids=["same-segment", "while-idle"])
+async def test_bytes_after_an_answer_are_never_read_as_an_answer(pause: float) -> None:
+    stale = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Injected: 1\r\n\r\nSTALE"
+    server = AnswerThenMore(stale, pause)
+    pool = ConnectionPool(f"http://127.0.0.1:{await server.start()}")
+    first = await pool.request("GET", "/a", [])
+    assert await first.aread() == b"ok"
+    assert (b"X-Injected", b"1") not in first.headers
+    await asyncio.sleep(0.1)
+    second = await pool.request("GET", "/b", [])
+    assert await second.aread() == b"ok"  # a fresh connection's first answer, not the stale bytes
+    assert pool.opened == 2
+    await pool.aclose()
+    await server.stop()

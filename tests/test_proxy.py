@@ -318,3 +318,45 @@ async def test_a_bug_still_gets_json_and_a_record(
     (record,) = audit_lines(tmp_path)
     assert record["status"] == 500 and record["decision"] == "error" and record["subject"] == "alice@example.org"
     assert upstream.get_requests() == []
+
+
+async def test_requests_that_differ_in_a_forwarded_header_are_not_coalesced(
+    tmp_path: Path, signer: Signer, upstream: Upstream
+) -> None:
+    jobs = f"{UPSTREAM}/slurm/v0.0.38/jobs"
+    upstream.add_response(url=jobs, json={"jobs": []}, delay=0.3, is_reusable=True)
+    auth = f"Bearer {signer.token()}"
+    json_, yaml, json_other_agent = (
+        {"Authorization": auth, "Accept": "application/json", "User-Agent": "a"},
+        {"Authorization": auth, "Accept": "application/x-yaml", "User-Agent": "a"},
+        {"Authorization": auth, "Accept": "application/json", "User-Agent": "b"},
+    )
+    async with app_client(make_settings(tmp_path)) as client:
+        answers = await asyncio.gather(
+            *(client.get("/slurm/v0.0.38/jobs", headers=h) for h in (json_, yaml, json_other_agent))
+        )
+    assert [a.status_code for a in answers] == [200] * 3
+    assert sorted(r.headers["accept"] for r in upstream.get_requests()) == ["application/json", "application/x-yaml"]
+    assert sorted(r["served_from"] for r in audit_lines(tmp_path)) == ["coalesced", "upstream", "upstream"]
+
+
+async def test_gets_with_a_body_are_never_shared(tmp_path: Path, signer: Signer, upstream: Upstream) -> None:
+    upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json={"jobs": []}, delay=0.3, is_reusable=True)
+    headers = {"Authorization": f"Bearer {signer.token()}"}
+    async with app_client(make_settings(tmp_path)) as client:
+        answers = await asyncio.gather(
+            *(client.request("GET", "/slurm/v0.0.38/jobs", headers=headers, content=b"{}") for _ in range(2))
+        )
+    assert [a.status_code for a in answers] == [200, 200]
+    assert len(upstream.get_requests()) == 2
+
+
+async def test_an_unsized_answer_too_large_to_share_reaches_its_caller_whole(
+    tmp_path: Path, signer: Signer, upstream: Upstream
+) -> None:
+    big = b"x" * 5000
+    upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", content=big, chunked=True)
+    settings = make_settings(tmp_path, shield={"max_body_bytes": 1024})
+    async with app_client(settings) as client:
+        response = await client.get("/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {signer.token()}"})
+    assert response.status_code == 200 and response.content == big

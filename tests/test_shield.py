@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from slurmproxy.errors import UpstreamError
-from slurmproxy.shield import CacheRule, Shield
+from slurmproxy.shield import CacheRule, Key, Shield, variant
 from slurmproxy.upstream import UpstreamResponse
 
 pytestmark = pytest.mark.anyio
@@ -59,8 +59,8 @@ class Upstream:
         return UpstreamResponse(self.status, headers, Body(body))
 
 
-def key(user: str = "alice", path: str = JOBS, query: bytes = b"") -> tuple[str, str, str, bytes]:
-    return (user, "GET", path, query)
+def key(user: str = "alice", path: str = JOBS, query: bytes = b"", headers: bytes = b"") -> Key:
+    return (user, "GET", path, query, headers)
 
 
 async def test_concurrent_identical_gets_share_one_upstream_request() -> None:
@@ -77,13 +77,28 @@ async def test_concurrent_identical_gets_share_one_upstream_request() -> None:
 
 async def test_never_shared_across_local_accounts_paths_or_queries() -> None:
     shield, upstream = Shield(), Upstream()
-    keys = [key("alice"), key("bob"), key("alice", "/slurm/v0.0.42/job/1"), key("alice", query=b"update_time=5")]
+    keys = [
+        key("alice"),
+        key("bob"),
+        key("alice", "/slurm/v0.0.42/job/1"),
+        key("alice", query=b"update_time=5"),
+        key("alice", headers=b"accept:application/x-yaml"),
+    ]
     tasks = [asyncio.create_task(shield.fetch(k, upstream.send)) for k in keys]
     await asyncio.sleep(0.01)
     upstream.gate.set()
     results = await asyncio.gather(*tasks)
-    assert upstream.calls == 4
-    assert len({r.shared.body for r in results if r.shared}) == 4
+    assert upstream.calls == 5
+    assert len({r.shared.body for r in results if r.shared}) == 5
+
+
+def test_the_key_holds_every_forwarded_header_but_the_invariant_ones() -> None:
+    yaml = [(b"Accept", b"application/x-yaml"), (b"user-agent", b"tool/1"), (b"x-request-id", b"r1")]
+    json_ = [(b"accept", b"application/json"), (b"User-Agent", b"tool/2"), (b"x-request-id", b"r2")]
+    assert variant(yaml) == b"accept:application/x-yaml"
+    assert variant(yaml) != variant(json_)
+    assert variant([(b"user-agent", b"a")]) == variant([(b"user-agent", b"b")]) == b""
+    assert variant([(b"cookie", b"x=1")]) != variant([(b"cookie", b"x=2")])  # unknown headers count
 
 
 async def test_cache_serves_within_ttl_only() -> None:
@@ -99,6 +114,18 @@ async def test_cache_serves_within_ttl_only() -> None:
     clock.now += 0.6
     third = await shield.fetch(key(), upstream.send)
     assert third.source == "upstream" and upstream.calls == 3
+
+
+async def test_a_cached_answer_ages_from_when_it_was_asked_for() -> None:
+    clock = Clock()
+    shield, upstream = Shield([CacheRule("/slurm/{version}/jobs", 2.0)], clock=clock), Upstream()
+    first = asyncio.create_task(shield.fetch(key(), upstream.send))
+    await asyncio.sleep(0.01)
+    clock.now += 10  # slurmrestd takes 10 s to answer
+    upstream.gate.set()
+    await first
+    again = await shield.fetch(key(), upstream.send)
+    assert again.source == "upstream" and upstream.calls == 2  # 10 s old already: never served from the cache
 
 
 async def test_uncached_paths_and_errors_are_not_kept() -> None:
@@ -159,3 +186,68 @@ def test_applies_only_to_get() -> None:
     assert not Shield().applies("POST", JOBS)
     assert not Shield(coalesce=False).applies("GET", JOBS)
     assert Shield([CacheRule("/slurm/{version}/jobs", 1)], coalesce=False).applies("GET", JOBS)
+
+
+class Unsized(Upstream):
+    """Answers without Content-Length (chunked), in two chunks."""
+
+    async def send(self) -> UpstreamResponse:
+        response = await super().send()
+        response.headers = [(k, v) for k, v in response.headers if k != b"content-length"]
+        return response
+
+
+async def test_unsized_answers_too_large_to_share_are_streamed_whole() -> None:
+    shield, upstream = Shield(max_body_bytes=4), Unsized(body=b"0123456789")
+    tasks = [asyncio.create_task(shield.fetch(key(), upstream.send)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    upstream.gate.set()
+    results = await asyncio.gather(*tasks)
+    bodies = []
+    for r in results:
+        assert r.stream is not None and r.shared is None and r.source == "upstream"
+        bodies.append(b"".join([c async for c in r.stream.chunks()]))
+        await r.stream.aclose()
+    assert sorted(bodies) == [b"01234567891", b"01234567892", b"01234567893"]  # nothing lost from the peek
+    assert shield.budget.used == 0
+
+
+async def test_unsized_answers_that_fit_are_shared() -> None:
+    shield, upstream = Shield(), Unsized()
+    tasks = [asyncio.create_task(shield.fetch(key(), upstream.send)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    upstream.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert upstream.calls == 1 and {r.shared.body for r in results if r.shared} == {b'{"jobs":[]}1'}
+
+
+async def test_the_byte_budget_bounds_what_is_held_and_is_given_back() -> None:
+    clock = Clock()
+    body = b"x" * 1000
+    shield = Shield([CacheRule("/slurm/{version}/jobs", 2.0)], max_bytes=2500, clock=clock)
+    upstream = Upstream(body=body)
+    upstream.gate.set()
+    held = [await shield.fetch(key(f"user{n}"), upstream.send) for n in range(3)]
+    assert [r.shared is not None for r in held] == [True, True, False]  # the third would pass 2,500 bytes
+    assert shield.budget.used == 2 * 1001
+    assert held[2].stream is not None
+    await held[2].stream.aclose()
+    held.clear()
+    assert shield.budget.used == 2 * 1001  # still cached
+    clock.now += 3  # past the TTL: expired entries give their bytes back when room is needed
+    again = await shield.fetch(key("user3"), upstream.send)
+    assert again.shared is not None and shield.budget.used == 1001
+    del again
+    shield._cache.clear()
+    await asyncio.sleep(0)  # the loop lets go of the finished fetch's future in its next turn
+    assert shield.budget.used == 0
+
+
+async def test_a_shared_body_is_counted_until_its_last_holder_lets_go() -> None:
+    shield, upstream = Shield(), Upstream(body=b"y" * 100)
+    upstream.gate.set()
+    result = await shield.fetch(key(), upstream.send)
+    assert shield.budget.used == 101  # not cached, but still being sent
+    del result
+    await asyncio.sleep(0)  # the loop lets go of the finished fetch's future in its next turn
+    assert shield.budget.used == 0
