@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from bench.run import LUA, warm
+from bench.run import LUA, warm, wrk_errors, wrk_summary
 from bench.stack import AUDIENCE, BenchIssuer, Nginx, bench_policy, cpu_seconds, process_tree, rss_bytes
 from devstack.proxy import ProxyServer
 
@@ -113,11 +113,8 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
         nginx.stop()
-    match = re.search(r"^WRKJSON (.*)$", out, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"wrk printed no summary:\n{out}")
-    data = json.loads(match.group(1))
-    errors = sum(int(data[k]) for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
+    data = wrk_summary(out)
+    errors = wrk_errors(data)
     requests = int(data["requests"])
     result = {
         "distinct tokens": args.tokens,

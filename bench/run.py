@@ -66,12 +66,20 @@ def wrk(
     argv.append(url)
     if token_file is not None:
         argv += ["--", str(token_file)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=True).stdout
+    return wrk_summary(subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=True).stdout)
+
+
+def wrk_summary(out: str) -> dict[str, Any]:
+    """The JSON line bench/report.lua prints at the end of a wrk run."""
     match = re.search(r"^WRKJSON (.*)$", out, re.MULTILINE)
     if match is None:
         raise RuntimeError(f"wrk printed no summary:\n{out}")
     data: dict[str, Any] = json.loads(match.group(1))
     return data
+
+
+def wrk_errors(data: dict[str, Any]) -> int:
+    return sum(int(data[k]) for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
 
 
 def children_cpu() -> float:
@@ -95,7 +103,7 @@ def measure(
     cpu = cpu_seconds(pids) - cpu_before
     wall = data["duration_us"] / 1e6
     requests = int(data["requests"])
-    errors = sum(int(data[k]) for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
+    errors = wrk_errors(data)
     return Run(
         case=case,
         connections=connections,
