@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 
+from slurmproxy.config.settings import AliseSettings
 from slurmproxy.identity.alise import AliseClient
 from slurmproxy.identity.pool import LeaseStore
-from slurmproxy.settings import AliseSettings
 
 ISSUER = "https://aai.egi.eu/auth/realms/egi"
 

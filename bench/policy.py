@@ -24,11 +24,12 @@ from typing import Any
 
 import yaml
 
-from slurmproxy.entitlements import parse_all
-from slurmproxy.jobs.decide import JobRequest, decide_job
+from slurmproxy.core.entitlements import parse_all
+from slurmproxy.core.principal import Principal
+from slurmproxy.core.slurmrest import JobRequest
 from slurmproxy.policy import Policy, evaluate, load_policy
+from slurmproxy.policy.jobs.decide import decide_job
 from slurmproxy.policy.reload import fingerprint
-from slurmproxy.tokens import Principal
 
 ISSUER = "https://aai.egi.eu/auth/realms/egi"
 

@@ -31,7 +31,7 @@ from typing import Any
 from bench.stack import AUDIENCE, ENTITLEMENT, BenchIssuer, Nginx, process_tree, rss_bytes
 from devstack import SlurmCluster
 from devstack.proxy import ProxyServer
-from slurmproxy.auditfile import rotated_files
+from slurmproxy.audit.file import rotated_files
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBJECTS = 500  # distinct identities: token cache and rate-limit buckets both grow with them

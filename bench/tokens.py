@@ -33,8 +33,8 @@ import httpx
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
-from slurmproxy.settings import Settings
-from slurmproxy.tokens import TokenValidator, build_validator
+from slurmproxy.config.settings import Settings
+from slurmproxy.tokens.validator import TokenValidator, build_validator
 
 ISSUER = "https://aai.egi.eu/auth/realms/egi"
 BASE = f"{ISSUER}/protocol/openid-connect"

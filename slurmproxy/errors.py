@@ -1,28 +1,60 @@
-"""The proxy's error hierarchy.
+"""Every exception slurmproxy raises, under one base.
 
-Every refusal the proxy makes is one of these exceptions. Each carries an HTTP status, a
-machine-readable ``reason`` (stable; it appears in response bodies, audit records and metrics)
-and a human-readable ``detail`` that never contains a token or a secret::
+Each carries an HTTP status, a machine-readable ``reason`` (stable: it appears in response bodies,
+audit records and metrics) and a human-readable ``detail`` that never contains a token or a secret.
+Refusals of a request and errors at start-up share the base, so the command line, the pipeline and
+the tests catch them the same way::
 
-    ProxyError
-    ├── BadRequestError (400)          malformed path, header, or body
-    ├── AuthenticationError (401)      which token check failed
-    ├── AuthorizationError (403)       which rule (or none) denied the request
-    ├── IdentityMappingError (403)     why no safe local account could be chosen
-    ├── NotFoundError (404)            not a path the proxy serves
-    ├── RequestTimeoutError (408)      the client was too slow sending headers or body
+    ProxyError (500)
+    ├── BadRequestError (400)             malformed path, header, or body
+    │   └── JobBodyError                  a job body that is not JSON or not the shape of its version
+    ├── AuthenticationError (401)         which token check failed
+    │   └── MissingTokenError
+    ├── AuthorizationError (403)          which rule (or none) denied the request
+    │   └── JobPolicyError                a job body asks for what its rule does not allow
+    ├── IdentityMappingError (403)        why no safe local account could be chosen
+    ├── NotFoundError (404)               not a path the proxy serves
+    │   └── ApiVersionNotServedError      an API version slurmrestd does not serve
+    ├── RequestTimeoutError (408)         the client was too slow sending headers or body
     ├── PayloadTooLargeError (413)
     ├── UnsupportedMediaTypeError (415)
     ├── RateLimitedError (429)
     ├── HeadersTooLargeError (431)
-    ├── DependencyError (503)          an identity provider or mapping service failed
-    ├── UpstreamError (502)            slurmrestd unreachable or broken
-    └── UpstreamTimeoutError (504)
+    ├── UpstreamError (502)               slurmrestd unreachable, broken, or it refused the proxy's credential
+    │   ├── UpstreamConnectError          the connection could not be made
+    │   │   └── UpstreamClosed            slurmrestd closed it, or did not speak HTTP/1.1
+    │   └── UpstreamAuthFailed            Slurm rejected the proxy's own credential
+    ├── DependencyError (503)             a provider, ALISE, the lease database or the audit log failed
+    │   ├── AliseOutage
+    │   ├── PoolExhausted, PoolUnavailable
+    │   └── AuditWriteError
+    ├── UpstreamTimeoutError (504)
+    │   ├── UpstreamReadTimeout
+    │   └── UpstreamBusy                  every pooled connection to slurmrestd is in use
+    ├── ConfigError                       configuration invalid (start-up, ``check-config``)
+    │   ├── PolicyError                   policy files invalid (``errors`` lists every problem)
+    │   └── CredentialError               the Slurm key or service token cannot be used
+    └── ClientTooSlow                     the client stopped reading an answer (the server closes it)
+
+A refusal raised after a stage already decided something carries it for the audit record:
+``rule`` (the rule that allowed the operation, when a job body or a rate limit then refused) and
+``upstream_status`` (slurmrestd's status, when the proxy refused slurmrestd's answer).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, slots=True)
+class RuleRef:
+    """The rule, operation group and entitlement of a policy decision, as the audit record names them."""
+
+    rule: str
+    operation: str
+    entitlement: str | None = None
 
 
 class ProxyError(Exception):
@@ -35,6 +67,8 @@ class ProxyError(Exception):
         self.reason = reason or self.default_reason
         self.headers = dict(headers or {})
         self.fields: dict[str, Any] = {}  # extra public fields for the response's "slurmproxy" object
+        self.rule: RuleRef | None = None
+        self.upstream_status: int | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status_code}, reason={self.reason!r}, detail={self.detail!r})"
@@ -43,6 +77,12 @@ class ProxyError(Exception):
 class BadRequestError(ProxyError):
     status_code = 400
     default_reason = "bad_request"
+
+
+class JobBodyError(BadRequestError):
+    """The body is not JSON, or not the shape slurmrestd takes for this request (400)."""
+
+    default_reason = "bad_job_body"
 
 
 class AuthenticationError(ProxyError):
@@ -72,6 +112,18 @@ class AuthorizationError(ProxyError):
     default_reason = "no_rule_allows"
 
 
+class JobPolicyError(AuthorizationError):
+    """The body asks for something the policy does not allow (403). ``field`` names it, e.g. ``job.partition``;
+    ``rule_id`` the rule whose constraint refused it."""
+
+    default_reason = "job_field_not_allowed"
+
+    def __init__(self, field: str, detail: str, *, reason: str | None = None) -> None:
+        super().__init__(detail, reason=reason)
+        self.field = field
+        self.rule_id: str | None = None
+
+
 class IdentityMappingError(ProxyError):
     status_code = 403
     default_reason = "unmapped"
@@ -82,9 +134,20 @@ class NotFoundError(ProxyError):
     default_reason = "not_found"
 
 
-class MethodNotAllowedError(ProxyError):
-    status_code = 405
-    default_reason = "method_not_allowed"
+class ApiVersionNotServedError(NotFoundError):
+    """``served`` maps each API (``slurm``, ``slurmdb``) to the versions slurmrestd serves."""
+
+    default_reason = "api_version_not_served"
+
+    def __init__(self, api: str, version: str, served: dict[str, list[str]]) -> None:
+        versions = served.get(api, [])
+        if versions:
+            detail = f"slurmrestd does not serve /{api}/{version}/; it serves /{api}/ {', '.join(versions)}"
+        else:
+            offered = "; ".join(f"/{a}/ {', '.join(v)}" for a, v in served.items())
+            detail = f"slurmrestd serves no /{api}/ API; it serves {offered}"
+        super().__init__(detail)
+        self.fields["api_versions"] = served
 
 
 class RequestTimeoutError(ProxyError):
@@ -117,6 +180,23 @@ class UpstreamError(ProxyError):
     default_reason = "upstream_unreachable"
 
 
+class UpstreamConnectError(UpstreamError):
+    """slurmrestd could not be reached. ``cause`` says what happened (for logs and tests); ``detail`` is
+    the public message."""
+
+    def __init__(self, cause: str, *, detail: str = "slurmrestd is unreachable or closed the connection") -> None:
+        super().__init__(detail, reason="upstream_unreachable")
+        self.cause = cause
+
+
+class UpstreamClosed(UpstreamConnectError):
+    """slurmrestd closed the connection, or sent something that is not HTTP/1.1."""
+
+
+class UpstreamAuthFailed(UpstreamError):
+    default_reason = "upstream_auth_failed"
+
+
 class DependencyError(ProxyError):
     """A service the decision depends on (provider, ALISE, audit sink) failed: fail closed."""
 
@@ -124,6 +204,58 @@ class DependencyError(ProxyError):
     default_reason = "dependency_unavailable"
 
 
+class AliseOutage(DependencyError):
+    """ALISE did not answer usably (timeout, connection, HTTP or payload error, a rejected key)."""
+
+
+class PoolExhausted(DependencyError):
+    default_reason = "pool_exhausted"
+
+
+class PoolUnavailable(DependencyError):
+    default_reason = "pool_unavailable"
+
+
+class AuditWriteError(DependencyError):
+    default_reason = "audit_unavailable"
+
+
 class UpstreamTimeoutError(ProxyError):
     status_code = 504
     default_reason = "upstream_timeout"
+
+
+class UpstreamReadTimeout(UpstreamTimeoutError):
+    def __init__(self, detail: str = "slurmrestd did not answer in time") -> None:
+        super().__init__(detail, reason="upstream_timeout")
+
+
+class UpstreamBusy(UpstreamTimeoutError):
+    def __init__(self, detail: str = "every connection to slurmrestd is busy") -> None:
+        super().__init__(detail, reason="upstream_busy")
+
+
+class ConfigError(ProxyError):
+    """A configuration or policy file is invalid. The message names the file and every bad field."""
+
+    default_reason = "config_invalid"
+
+
+class PolicyError(ConfigError):
+    """One or more policy files are invalid. ``errors`` lists every problem found."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        super().__init__("\n".join(errors), reason="policy_invalid")
+        self.errors = list(errors)
+
+
+class CredentialError(ConfigError):
+    """The Slurm JWT key or the SlurmUser token file cannot be used."""
+
+    default_reason = "credential_invalid"
+
+
+class ClientTooSlow(ProxyError):
+    """The client stopped reading the answer; the server closes the connection."""
+
+    default_reason = "client_too_slow"

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from slurmproxy.app import create_app
-from slurmproxy.settings import Settings
+from slurmproxy.config.settings import Settings
+from slurmproxy.pipeline.app import create_app
 
 
 @asynccontextmanager

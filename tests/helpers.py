@@ -11,9 +11,9 @@ import yaml
 from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey, RSAKey
 
-from slurmproxy.entitlements import parse_all
-from slurmproxy.settings import Settings, load_settings
-from slurmproxy.tokens import Principal
+from slurmproxy.config.settings import Settings, load_settings
+from slurmproxy.core.entitlements import parse_all
+from slurmproxy.core.principal import Principal
 
 ISSUER = "https://idp.example.org/realms/test"
 OTHER_ISSUER = "https://other.example.org"

@@ -7,8 +7,8 @@ import yaml
 
 from slurmproxy import __version__
 from slurmproxy.cli import EXIT_CONFIG, main
-from slurmproxy.runtime import load_runtime_policy
-from slurmproxy.settings import load_settings
+from slurmproxy.config.settings import load_settings
+from slurmproxy.pipeline.runtime import load_runtime_policy
 from tests.helpers import basic_policy, make_settings
 
 

@@ -19,16 +19,19 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
-from slurmproxy.audit import read_pseudonym_key
-from slurmproxy.auditquery import Query, Reader, Record, Summary, audit_files, parse_time
+from slurmproxy.audit.query import Query, Reader, Record, Summary, audit_files
+from slurmproxy.audit.record import read_pseudonym_key
 from slurmproxy.commands import EXIT_CONFIG, EXIT_OK, add_config_argument
-from slurmproxy.settings import ConfigError, load_settings
+from slurmproxy.config.settings import load_settings
+from slurmproxy.core.durations import parse_time
+from slurmproxy.errors import ConfigError
 
 FIELDS = [
     "time", "request_id", "decision", "status", "reason", "issuer", "subject", "vo", "vos", "entitlement", "rule",
     "operation", "mapping", "local_user", "mapping_detail", "method", "path", "job_id", "upstream_status", "client",
-    "peer", "user_agent", "detail", "latency_ms", "upstream_ms", "schema",
+    "peer", "user_agent", "detail", "latency_ms", "upstream_ms", "served_from", "schema",
 ]  # fmt: skip
+"""CSV columns: every field of the record schema (docs/audit.schema.json; a test keeps them equal)."""
 TABLE = [
     ("TIME", "time", 19), ("DECISION", "decision", 8), ("STATUS", "status", 6), ("SUBJECT", "subject", 36),
     ("USER", "local_user", 16), ("VO", "vo", 24), ("RULE", "rule", 24), ("METHOD", "method", 6),
@@ -65,12 +68,13 @@ def write_json(records: Iterable[Record], out: TextIO) -> int:
     return count
 
 
-def _csv_value(value: Any) -> Any:
+def csv_value(value: Any) -> Any:
+    """A cell: nested objects as JSON, lists joined with ``;``, null as empty."""
     if value is None:
         return ""
     if isinstance(value, dict):
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return ";".join(value) if isinstance(value, list) else value
+    return ";".join(str(v) for v in value) if isinstance(value, list) else value
 
 
 def write_csv(records: Iterable[Record], out: TextIO) -> int:
@@ -78,9 +82,7 @@ def write_csv(records: Iterable[Record], out: TextIO) -> int:
     writer.writerow(FIELDS)
     count = 0
     for record in records:
-        writer.writerow(
-            ["" if (v := record.get(f)) is None else ";".join(v) if isinstance(v, list) else v for f in FIELDS]
-        )
+        writer.writerow([csv_value(record.get(name)) for name in FIELDS])
         count += 1
     return count
 

@@ -19,33 +19,30 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import sys
 import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from slurmproxy.audit import AuditLog, AuditRecord, AuditWriteError
+from slurmproxy.audit import AuditLog, AuditRecord
 from slurmproxy.commands import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, add_config_argument
-from slurmproxy.errors import ProxyError
+from slurmproxy.config.settings import Settings, load_settings
+from slurmproxy.core.durations import parse_duration
+from slurmproxy.core.principal import Principal
+from slurmproxy.errors import AuditWriteError, ConfigError, PolicyError, ProxyError
 from slurmproxy.identity import open_identity
 from slurmproxy.identity.backends import open_lease_store
 from slurmproxy.identity.pool import Lease
-from slurmproxy.policy import PolicyError, Rule
-from slurmproxy.runtime import load_runtime_policy
-from slurmproxy.settings import ConfigError, Settings, load_settings
-from slurmproxy.tokens import Principal
-
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+from slurmproxy.pipeline.runtime import load_runtime_policy
+from slurmproxy.policy import Rule
 
 
-def parse_duration(text: str) -> float:
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 3600, 90m, 12h, 30d)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+def duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _settings(args: argparse.Namespace) -> Settings | None:
@@ -120,21 +117,18 @@ def _audit_admin(settings: Settings, leases: list[Lease], reason: str, command: 
     try:
         log.open()
         for lease in leases:
-            record = AuditRecord(
-                request_id=f"admin-{uuid.uuid4().hex[:16]}",
-                method="ADMIN",
-                path=command,
+            record = AuditRecord.begin(
+                f"admin-{uuid.uuid4().hex[:16]}",
+                "ADMIN",
+                command,
                 client="cli",
                 user_agent=f"slurmproxy mapping (uid {os.getuid()})",
-                issuer=lease.issuer,
-                subject=lease.subject,
-                mapping=f"pool:{lease.pool}",
-                local_user=lease.account,
-                mapping_detail={"lease": reason, **lease.as_dict()},
-                decision="allow",
-                reason=f"lease_{reason}",
-                status=200,
             )
+            record.issuer, record.subject = lease.issuer, lease.subject
+            record.mapping, record.local_user = f"pool:{lease.pool}", lease.account
+            record.mapping_detail = {"lease": reason, **lease.as_dict()}
+            record.allow(200)
+            record.reason = f"lease_{reason}"
             log.emit(record)
     except (OSError, AuditWriteError) as exc:
         return f"could not write the audit log: {exc}"
@@ -240,7 +234,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     release.add_argument("--all", action="store_true", help="every lease of --pool")
     release.set_defaults(dry_run=False)
     expire = lease_actions.add_parser("expire", help="end leases unused for a while")
-    expire.add_argument("--unused-for", type=parse_duration, required=True, help="e.g. 30d, 12h, 3600")
+    expire.add_argument("--unused-for", type=duration, required=True, help="e.g. 30d, 12h, 3600")
     expire.add_argument("--dry-run", action="store_true", help="only show what would end")
     for parser in (listing, release, expire):
         # SUPPRESS: an option given before the action (`leases --pool p release`) is not reset by the action's default.

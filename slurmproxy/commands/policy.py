@@ -21,16 +21,17 @@ from typing import Any
 
 import yaml
 
-from slurmproxy.checks import entitlements_from, subject_from
-from slurmproxy.claims import Identity
 from slurmproxy.commands import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, add_config_argument
-from slurmproxy.errors import ProxyError
-from slurmproxy.explain import Explanation, explain
+from slurmproxy.config.settings import IdentitySettings, IssuerSettings, Settings, load_settings
+from slurmproxy.core.principal import Principal
+from slurmproxy.errors import ConfigError, PolicyError, ProxyError
 from slurmproxy.identity import check_policy_backends, open_identity
-from slurmproxy.policy import Policy, PolicyError, load_policy
-from slurmproxy.ratelimit import describe as describe_limits
-from slurmproxy.settings import ConfigError, IdentitySettings, IssuerSettings, Settings, load_settings
-from slurmproxy.tokens import Principal, make_principal
+from slurmproxy.pipeline.explain import Explanation, explain
+from slurmproxy.policy import Policy, load_policy
+from slurmproxy.policy.ratelimit import describe as describe_limits
+from slurmproxy.tokens import make_principal
+from slurmproxy.tokens.checks import entitlements_from, subject_from
+from slurmproxy.tokens.claims import Identity
 
 
 class InputError(Exception):

@@ -13,18 +13,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slurmproxy.audit import read_pseudonym_key
-from slurmproxy.claims import read_client_secrets
+from slurmproxy.audit.record import read_pseudonym_key
 from slurmproxy.commands import EXIT_CONFIG, EXIT_OK, add_config_argument
-from slurmproxy.credentials import CredentialError, credentials_from
+from slurmproxy.config.settings import Settings, load_settings
+from slurmproxy.errors import ConfigError
 from slurmproxy.identity import check_identity_config
-from slurmproxy.policy import PolicyError
-from slurmproxy.runtime import load_runtime_policy
-from slurmproxy.settings import ConfigError, Settings, load_settings
+from slurmproxy.pipeline.runtime import load_runtime_policy
+from slurmproxy.tokens.claims import read_client_secrets
+from slurmproxy.upstream.credentials import credentials_from
 
 
 def validate(config: Path | None) -> Settings:
-    """Everything serve needs, checked; raises ConfigError/PolicyError/CredentialError."""
+    """Everything serve needs, checked; raises ConfigError (PolicyError and CredentialError among them)."""
     settings = load_settings(config)
     load_runtime_policy(settings)
     credentials_from(settings.upstream)
@@ -39,15 +39,13 @@ def validated(config: Path | None) -> Settings | None:
     """The settings, or None after printing why they are invalid."""
     try:
         return validate(config)
-    except (ConfigError, PolicyError) as exc:
+    except ConfigError as exc:
         print(f"slurmproxy: invalid configuration\n{exc.detail}", file=sys.stderr)
-    except CredentialError as exc:
-        print(f"slurmproxy: invalid configuration\n{exc}", file=sys.stderr)
     return None
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    from slurmproxy.httpserver import server_options
+    from slurmproxy.web.protocol import server_options
 
     return {
         "loop": "uvloop",
@@ -67,8 +65,8 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     import uvicorn
 
-    from slurmproxy.logs import configure_logging
-    from slurmproxy.metrics import prepare_multiprocess, remove_multiprocess_dir
+    from slurmproxy.observability.logs import configure_logging
+    from slurmproxy.observability.metrics import prepare_multiprocess, remove_multiprocess_dir
 
     configure_logging(settings.log)
     if args.config is not None:
@@ -77,7 +75,7 @@ def serve(args: argparse.Namespace) -> int:
     metrics_dir = prepare_multiprocess(settings, workers)
     try:
         uvicorn.run(
-            "slurmproxy.app:create_app",
+            "slurmproxy.pipeline.app:create_app",
             factory=True,
             host=args.host or settings.server.host,
             port=args.port if args.port is not None else settings.server.port,

@@ -1,4 +1,4 @@
-"""ALISE, KIT's account-linking service, as a mapping backend (protocols.md §4).
+"""ALISE, KIT's account-linking service (https://github.com/m-team-kit/alise), as a mapping backend.
 
 One lookup per identity::
 
@@ -25,7 +25,6 @@ logger's request lines are redacted.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import re
@@ -39,11 +38,12 @@ import httpx
 from cachetools import LRUCache, TTLCache
 
 from slurmproxy import __version__
-from slurmproxy.errors import DependencyError, IdentityMappingError
-from slurmproxy.settings import AliseSettings, ConfigError
+from slurmproxy.config.settings import AliseSettings
+from slurmproxy.core.flight import SingleFlight
+from slurmproxy.errors import AliseOutage, ConfigError, DependencyError, IdentityMappingError
 
 if TYPE_CHECKING:
-    from slurmproxy.metrics import Metrics
+    from slurmproxy.observability.metrics import Metrics
 
 logger = logging.getLogger("slurmproxy.identity.alise")
 Key = tuple[str, str]
@@ -96,13 +96,6 @@ class AliseAnswer:
     age_seconds: float = 0.0
 
 
-class AliseOutage(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
 class AliseClient:
     def __init__(
         self,
@@ -124,8 +117,7 @@ class AliseClient:
         self._hits: TTLCache[Key, str] = TTLCache(size, max(settings.cache_seconds, 0.001), timer=clock)
         self._misses: TTLCache[Key, bool] = TTLCache(size, max(settings.miss_cache_seconds, 0.001), timer=clock)
         self._last_known: LRUCache[Key, tuple[str, float]] = LRUCache(size)
-        self._inflight: dict[Key, asyncio.Task[AliseAnswer]] = {}
-        self.requests = 0
+        self._flight: SingleFlight[Key, AliseAnswer] = SingleFlight()
         install_redaction()
 
     @classmethod
@@ -165,18 +157,7 @@ class AliseClient:
             # ALISE's ASGI stack decodes %2F before routing: such a subject cannot be looked up at all.
             logger.info("ALISE %s: subject %r contains '/', which ALISE cannot look up; not linked", self.name, subject)
             return AliseAnswer(None, "alise")
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.create_task(self._resolve(key))
-            self._inflight[key] = task
-            task.add_done_callback(lambda done: self._finished(key, done))
-        # shield: a caller that goes away must not cancel the lookup the others wait for.
-        return await asyncio.shield(task)
-
-    def _finished(self, key: Key, task: asyncio.Task[AliseAnswer]) -> None:
-        self._inflight.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # retrieved here, so an error nobody awaited any more is not reported as lost
+        return await self._flight.run(key, lambda: self._resolve(key))
 
     async def _resolve(self, key: Key) -> AliseAnswer:
         try:
@@ -200,17 +181,16 @@ class AliseClient:
                 return AliseAnswer(username, "last_known", round(age, 3))
         raise DependencyError(
             f"the account-linking service (ALISE {self.name}) failed: {outage.detail}", reason=outage.reason
-        )
+        ) from outage
 
     async def _ask(self, issuer: str, subject: str) -> str | None:
         url = self.url_for(issuer, subject)
-        self.requests += 1
         try:
             response = await self._http.get(url, params={"apikey": self._apikey})
         except httpx.TimeoutException as exc:
-            raise AliseOutage("alise_timeout", f"no answer within {self.settings.timeout_seconds} s") from exc
+            raise AliseOutage(f"no answer within {self.settings.timeout_seconds} s", reason="alise_timeout") from exc
         except httpx.HTTPError as exc:
-            raise AliseOutage("alise_unreachable", f"unreachable ({type(exc).__name__})") from exc
+            raise AliseOutage(f"unreachable ({type(exc).__name__})", reason="alise_unreachable") from exc
         return self._read(response, issuer, subject)
 
     def _read(self, response: httpx.Response, issuer: str, subject: str) -> str | None:
@@ -223,18 +203,18 @@ class AliseClient:
             if kind == "not-mapped":
                 return None
             if kind == "invalid":
-                raise AliseOutage("alise_rejected_key", "ALISE refused the API key (invalid apikey)")
+                raise AliseOutage("ALISE refused the API key (invalid apikey)", reason="alise_rejected_key")
         if response.status_code != 200:
-            raise AliseOutage("alise_error", f"HTTP {response.status_code}")
+            raise AliseOutage(f"HTTP {response.status_code}", reason="alise_error")
         if not isinstance(body, dict):
-            raise AliseOutage("alise_error", "the answer is not a JSON object")
+            raise AliseOutage("the answer is not a JSON object", reason="alise_error")
         if "error" in body:
-            raise AliseOutage("alise_error", f"ALISE reported an error: {str(body['error'])[:200]!r}")
+            raise AliseOutage(f"ALISE reported an error: {str(body['error'])[:200]!r}", reason="alise_error")
         external = body.get("external")
         if not isinstance(external, list) or not any(
             isinstance(e, dict) and e.get("iss") == issuer and e.get("sub") == subject for e in external
         ):
-            raise AliseOutage("alise_error", "the answer is not about the identity asked for")
+            raise AliseOutage("the answer is not about the identity asked for", reason="alise_error")
         internal = body.get("internal")
         username = internal.get("username") if isinstance(internal, dict) else None
         if not isinstance(username, str) or not username:

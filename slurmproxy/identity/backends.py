@@ -7,15 +7,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+from slurmproxy.config.settings import IdentitySettings
+from slurmproxy.errors import ConfigError, PolicyError
 from slurmproxy.identity.alise import AliseClient, read_apikey
 from slurmproxy.identity.guard import AccountGuard
 from slurmproxy.identity.mapper import IdentityMapper
 from slurmproxy.identity.pool import LeaseStore, Pools
-from slurmproxy.policy import Policy, PolicyError
-from slurmproxy.settings import ConfigError, IdentitySettings
+from slurmproxy.policy.rules import Policy
 
 if TYPE_CHECKING:
-    from slurmproxy.metrics import Metrics
+    from slurmproxy.observability.metrics import Metrics
 
 
 def check_policy_backends(policy: Policy, settings: IdentitySettings) -> None:

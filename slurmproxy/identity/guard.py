@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import pwd
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cachetools import TTLCache
 
+from slurmproxy.config.settings import IdentitySettings
+from slurmproxy.core.names import is_user_name
 from slurmproxy.errors import IdentityMappingError
-from slurmproxy.settings import IdentitySettings
 
-POSIX_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _PASSWD_CACHE_SECONDS = 300
 
 
@@ -60,7 +59,7 @@ class AccountGuard:
         return uid
 
     async def check(self, name: str, source: str, detail: dict[str, Any] | None = None) -> LocalAccount:
-        if not POSIX_NAME.fullmatch(name):
+        if not is_user_name(name):
             raise IdentityMappingError(
                 f"{source} gave a local account name that is not a valid POSIX user name", reason="invalid_username"
             )

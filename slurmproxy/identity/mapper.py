@@ -13,14 +13,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from slurmproxy.core.principal import Principal
 from slurmproxy.errors import IdentityMappingError, ProxyError
 from slurmproxy.identity.alise import AliseClient
 from slurmproxy.identity.guard import AccountGuard, LocalAccount
 from slurmproxy.identity.pool import Pools
 from slurmproxy.identity.service import service_account
 from slurmproxy.identity.table import table_lookup
-from slurmproxy.policy import MappingStep, Policy, Rule
-from slurmproxy.tokens import Principal
+from slurmproxy.policy.rules import MappingStep, Policy, Rule
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from slurmproxy.errors import DependencyError
+from slurmproxy.errors import PoolExhausted, PoolUnavailable
 
 logger = logging.getLogger("slurmproxy.identity.pool")
 SCHEMA_VERSION = 1
@@ -69,14 +69,6 @@ class Lease:
         data.pop("new")
         data["leased_at"], data["last_used"] = _iso(self.leased_at), _iso(self.last_used)
         return data
-
-
-class PoolExhausted(DependencyError):
-    default_reason = "pool_exhausted"
-
-
-class PoolUnavailable(DependencyError):
-    default_reason = "pool_unavailable"
 
 
 class LeaseStore:

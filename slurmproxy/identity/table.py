@@ -7,7 +7,7 @@ subject, so the same subject from two issuers never collides.
 
 from __future__ import annotations
 
-from slurmproxy.policy import Policy
+from slurmproxy.policy.rules import Policy
 
 
 def table_lookup(policy: Policy, table: str, issuer: str, subject: str) -> str | None:

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from slurmproxy.jobs.fields import FORBIDDEN_FIELDS, KNOWN_FIELDS
+from slurmproxy.policy.jobs.fields import FORBIDDEN_FIELDS, KNOWN_FIELDS
 from slurmproxy.policy.limits import JobLimits, compile_limits
 from slurmproxy.policy.model import PolicyFile, RuleSpec
 from slurmproxy.policy.rules import Rule

@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from slurmproxy.entitlements import EntitlementRequirement, requirement_from_string
-from slurmproxy.errors import ProxyError
+from slurmproxy.core.entitlements import EntitlementRequirement, requirement_from_string
+from slurmproxy.errors import PolicyError
 from slurmproxy.policy.checks import check_issuers, compile_job, digest_of, warnings_for
 from slurmproxy.policy.model import (
     AliseMap,
@@ -28,14 +28,6 @@ from slurmproxy.policy.operations import Operation, builtin_operations, operatio
 from slurmproxy.policy.rules import MappingStep, Policy, Rule
 
 POLICY_SUFFIXES = (".yaml", ".yml")
-
-
-class PolicyError(ProxyError):
-    """One or more policy files are invalid. ``errors`` lists every problem found."""
-
-    def __init__(self, errors: Sequence[str]) -> None:
-        super().__init__("\n".join(errors), reason="policy_invalid")
-        self.errors = list(errors)
 
 
 def policy_files(paths: Iterable[Path]) -> list[Path]:

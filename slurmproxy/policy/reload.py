@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slurmproxy.policy.loader import POLICY_SUFFIXES, PolicyError
+from slurmproxy.errors import PolicyError
+from slurmproxy.policy.loader import POLICY_SUFFIXES
 from slurmproxy.policy.rules import Policy
 
 logger = logging.getLogger("slurmproxy.policy")

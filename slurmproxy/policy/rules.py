@@ -16,11 +16,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from slurmproxy.entitlements import Entitlement, EntitlementRequirement
+from slurmproxy.core.entitlements import Entitlement, EntitlementRequirement
+from slurmproxy.core.principal import Principal
 from slurmproxy.policy.limits import JobLimits
 from slurmproxy.policy.model import RateLimitSpec
 from slurmproxy.policy.operations import Operation
-from slurmproxy.tokens import Principal
 
 ClaimValue = str | int | bool
 

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devstack import SlurmCluster
 from devstack.provider import PROXY_AUDIENCE, OidcProvider
 from devstack.proxy import ProxyServer
-from slurmproxy.auditfile import rotated_files
+from slurmproxy.audit.file import rotated_files
 from tests.integration.conftest import ProxyFactory, proxy_config, site_policy
 
 ROOT = Path(__file__).resolve().parents[2]

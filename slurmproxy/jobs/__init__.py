@@ -1,7 +1,0 @@
-"""Job submissions and updates: the request body is checked against the policy before Slurm sees it.
-
-* :mod:`~slurmproxy.jobs.fields`: the fields a job may set, per body dialect, and their value kinds;
-* :mod:`~slurmproxy.jobs.body`: strict JSON parsing and the shapes of submit, allocate and update bodies;
-* :mod:`~slurmproxy.jobs.limits`: one rule's constraints applied to a body (checks and defaults);
-* :mod:`~slurmproxy.jobs.decide`: which rule accepts the body, and the request side (reading, 413/415/400).
-"""

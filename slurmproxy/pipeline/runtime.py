@@ -1,0 +1,96 @@
+"""Everything a running proxy holds, built once at start-up and shared by all requests: one object per
+stage (tokens, policy, identity, upstream, audit), the metrics, and the policy reloader."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+
+from slurmproxy.audit.log import AuditLog, AuditTrail
+from slurmproxy.config.settings import Settings
+from slurmproxy.identity import IdentityMapper, check_policy_backends, open_identity
+from slurmproxy.observability.metrics import Metrics
+from slurmproxy.policy import Authorizer, Policy, load_policy
+from slurmproxy.policy.reload import PolicyReloader, reloading
+from slurmproxy.tokens import TokenValidator, build_validator
+from slurmproxy.tokens.provider import ProviderClient
+from slurmproxy.upstream import Upstream
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    tokens: TokenValidator
+    authorizer: Authorizer
+    mapper: IdentityMapper
+    upstream: Upstream
+    trail: AuditTrail
+    metrics: Metrics
+    policy_reloader: PolicyReloader | None = None  # swaps the authorizer's policy on SIGHUP and file changes
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force now (a request keeps the one it started with)."""
+        return self.authorizer.policy
+
+    @property
+    def providers(self) -> list[ProviderClient]:
+        return list(self.tokens.providers.values())
+
+
+def load_runtime_policy(settings: Settings) -> Policy:
+    """The policy as the proxy loads it: issuers must be configured, and so must the ALISE services and
+    pools its mapping steps name."""
+    policy = load_policy(settings.policy.paths, trusted_issuers=[i.issuer for i in settings.oidc.issuers])
+    check_policy_backends(policy, settings.identity)
+    return policy
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """Build the runtime; close every client and file on exit."""
+    metrics = Metrics()
+    policy = load_runtime_policy(settings)
+    metrics.policy_load(True, rules=len(policy.rules))
+    upstream = Upstream(settings, metrics)  # reads the Slurm credential: a bad key fails here
+    log = AuditLog(settings.audit, metrics)
+    log.open()
+    provider_http = httpx.AsyncClient(
+        timeout=settings.oidc.http_timeout_seconds,
+        follow_redirects=False,
+        trust_env=False,
+        transport=metrics.transport("provider"),
+    )
+    tokens: TokenValidator | None = None
+    try:
+        tokens = build_validator(settings, provider_http, metrics)
+        upstream.start()
+        async with open_identity(settings.identity, metrics) as mapper:
+            authorizer = Authorizer(policy, max_body_bytes=settings.server.max_body_bytes)
+            runtime = Runtime(
+                settings=settings,
+                tokens=tokens,
+                authorizer=authorizer,
+                mapper=mapper,
+                upstream=upstream,
+                trail=AuditTrail(log, metrics),
+                metrics=metrics,
+            )
+            runtime.policy_reloader = PolicyReloader(
+                settings.policy.paths,
+                lambda: load_runtime_policy(settings),
+                lambda new: setattr(authorizer, "policy", new),
+                policy,
+                observe=lambda ok, rules: metrics.policy_load(ok, rules=rules),
+            )
+            async with reloading(runtime.policy_reloader, settings.policy.reload_interval_seconds):
+                yield runtime
+    finally:
+        if tokens is not None:
+            await tokens.aclose()
+        await upstream.aclose()
+        await provider_http.aclose()
+        log.close()
