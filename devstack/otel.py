@@ -38,7 +38,7 @@ from ._service import SAFE_PATH, Service
 SOURCE = Path(__file__).resolve().parent / "otelcol"
 BINARY_NAME = "otelcol-devstack"
 BUILD_TIMEOUT = 1200.0
-"""A cold build (modules downloaded, everything compiled) took 4-5 min on 2 cores here."""
+"""A cold build (modules downloaded, everything compiled) took 2.6 min on 2 cores here (4.4 min with cgo)."""
 
 
 def cache_dir() -> Path:
