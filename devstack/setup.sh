@@ -3,6 +3,12 @@
 #
 #   devstack/setup.sh            apt packages, Unix users, npm packages of devstack/oidc, the ALISE venv
 #   devstack/setup.sh --trixie   the same, plus the Debian 13 chroot with Slurm 24.11 (~30-60 s once)
+#   extra components, each behind its own flag (their system services are stopped and disabled):
+#     --redis      redis-server, redis-tools (Redis 7.0)        --postgres  postgresql-15
+#     --nginx      nginx-light                                  --promtool  prometheus (for /usr/bin/promtool)
+#     --otel       the OpenTelemetry Collector, built with Go into /var/cache/slurmproxy-devstack/otelcol
+#                  (~5 min once on 2 cores, then cached)
+#     --extras     all five
 #
 # Needs root, python3, node and npm. Fast (about a second) when everything is present.
 set -euo pipefail
@@ -10,10 +16,18 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 LOCKDIR=/run/lock
 WANT_TRIXIE=0
+WANT_OTEL=0
+EXTRA_PACKAGES=()
 for arg in "$@"; do
     case "$arg" in
         --trixie) WANT_TRIXIE=1 ;;
-        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+        --redis) EXTRA_PACKAGES+=(redis-server redis-tools) ;;
+        --postgres) EXTRA_PACKAGES+=(postgresql-15) ;;
+        --nginx) EXTRA_PACKAGES+=(nginx-light) ;;
+        --promtool) EXTRA_PACKAGES+=(prometheus) ;;
+        --otel) WANT_OTEL=1 ;;
+        --extras) EXTRA_PACKAGES+=(redis-server redis-tools postgresql-15 nginx-light prometheus); WANT_OTEL=1 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "setup.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
 done
@@ -30,8 +44,9 @@ log() { echo "devstack setup: $*" >&2; }
 # ---------------------------------------------------------------- apt packages
 APT_PACKAGES=(slurmctld slurmd slurmrestd slurm-client munge slurm-wlm-jwt-plugin debootstrap util-linux)
 missing_packages() {
-    local p status
-    for p in "${APT_PACKAGES[@]}"; do
+    local p status list=("$@")
+    [ $# -gt 0 ] || list=("${APT_PACKAGES[@]}")
+    for p in "${list[@]}"; do
         status="$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)"
         [ "$status" = "installed" ] || echo "$p"
     done
@@ -118,6 +133,41 @@ fi
 # ---------------------------------------------------------------- ALISE (account linking) virtualenv
 # alise 1.1.5 from PyPI needs Python >= 3.12; devstack/alise.py finds one and builds the venv once.
 PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}" python3 -m devstack.alise build >/dev/null
+
+# ---------------------------------------------------------------- extra components (optional flags)
+# Redis, PostgreSQL, nginx and promtool for devstack/redis_server.py, postgres.py, nginx.py and
+# the rule checks. Installed without recommends (prometheus would pull prometheus-node-exporter).
+# Their packages start system instances where services can start (redis on 6379, nginx on :80,
+# prometheus on :9090, a postgresql cluster on 5432): the devstack never uses them, so they are
+# stopped and disabled right after the install.
+if [ ${#EXTRA_PACKAGES[@]} -gt 0 ]; then
+    EXTRA_MISSING="$(missing_packages "${EXTRA_PACKAGES[@]}")"
+    if [ -n "$EXTRA_MISSING" ]; then
+        # shellcheck disable=SC2086
+        log "installing apt packages: $(echo $EXTRA_MISSING)"
+        APT=(apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3)
+        export DEBIAN_FRONTEND=noninteractive
+        flock -w 900 "$LOCKDIR/slurmproxy-devstack-apt.lock" "${APT[@]}" update -qq
+        # shellcheck disable=SC2046
+        flock -w 900 "$LOCKDIR/slurmproxy-devstack-apt.lock" \
+            "${APT[@]}" install -y -qq --no-install-recommends $(missing_packages "${EXTRA_PACKAGES[@]}") >/dev/null
+        for svc in redis-server nginx prometheus postgresql; do
+            case " $EXTRA_MISSING " in
+                *" $svc "*|*" $svc-"*) ;;
+                *) continue ;;
+            esac
+            if [ -d /run/systemd/system ]; then
+                systemctl disable --now "$svc" >/dev/null 2>&1 || true
+            else
+                service "$svc" stop >/dev/null 2>&1 || true
+                update-rc.d "$svc" disable >/dev/null 2>&1 || true
+            fi
+        done
+    fi
+fi
+if [ "$WANT_OTEL" = 1 ]; then
+    PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}" python3 -m devstack.otel build >/dev/null
+fi
 
 # ---------------------------------------------------------------- Slurm 24.11 chroot (optional)
 if [ "$WANT_TRIXIE" = 1 ]; then
