@@ -26,12 +26,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
-GENERATIONS = ["22.05", "24.11"]
+GENERATIONS = ["22.05", "24.11", "26.05"]
 
 
 @pytest.fixture(scope="session", params=GENERATIONS, ids=[f"slurm-{g}" for g in GENERATIONS])
 def slurm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """Every integration test runs against Slurm 22.05 (v0.0.38) and 24.11 (v0.0.40 to v0.0.42)."""
+    """Every integration test runs against Slurm 22.05 (v0.0.38), 24.11 (v0.0.40 to v0.0.42) and 26.05
+    (v0.0.42 to v0.0.45)."""
     with SlurmCluster(tmp_path_factory.mktemp(f"slurm-{request.param}"), request.param) as cluster:
         yield cluster
 
