@@ -4,11 +4,12 @@ See devstack/README.md. Nothing here mocks anything: every component is a real p
 """
 
 from ._proc import DevstackError
-from .slurm import DEFAULT_PARTITIONS, FINISHED_STATES, Generation, Partition, SlurmCluster
+from .slurm import DEFAULT_PARTITIONS, FINISHED_STATES, GENERATIONS, Generation, Partition, SlurmCluster
 
 __all__ = [
     "DEFAULT_PARTITIONS",
     "FINISHED_STATES",
+    "GENERATIONS",
     "DevstackError",
     "Generation",
     "Partition",

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from devstack import SlurmCluster
+from devstack import GENERATIONS, SlurmCluster
 from devstack.provider import PROXY_AUDIENCE, OidcProvider, default_config
 from devstack.proxy import ProxyServer
 
@@ -102,7 +102,7 @@ def submit_job(proxy: ProxyServer, slurm: SlurmCluster, oidc: OidcProvider) -> i
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--generation", choices=["22.05", "24.11"], default="22.05")
+    parser.add_argument("--generation", choices=list(GENERATIONS), default="22.05")
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: a new temporary one)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="slurmproxy-demo-", dir="/var/tmp"))

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Installs what the devstack needs, idempotently. Safe to run many times and concurrently.
 #
-#   devstack/setup.sh            apt packages, Unix users, npm packages of devstack/oidc, the ALISE venv
-#   devstack/setup.sh --trixie   the same, plus the Debian 13 chroot with Slurm 24.11 (~30-60 s once)
+#   devstack/setup.sh                apt packages, Unix users, npm packages of devstack/oidc, the ALISE venv
+#   devstack/setup.sh --slurm 26.05  the same, plus that generation's chroot (24.11: Debian 13, 26.05:
+#                                    Debian testing; ~30-60 s once each); repeatable
+#   devstack/setup.sh --all          every chroot generation
+#   devstack/setup.sh --trixie       the same as --slurm 24.11
 #   extra components, each behind its own flag (their system services are stopped and disabled):
 #     --redis      redis-server, redis-tools (Redis 7.0)        --postgres  postgresql-15
 #     --nginx      nginx-light                                  --promtool  prometheus (for /usr/bin/promtool)
 #     --otel       the OpenTelemetry Collector, built with Go into /var/cache/slurmproxy-devstack/otelcol
-#                  (~5 min once on 2 cores, then cached)
+#                  (~3-5 min once on 2 cores, then cached)
 #     --extras     all five
 #
 # Needs root, python3, node and npm. Fast (about a second) when everything is present.
@@ -15,21 +18,28 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 LOCKDIR=/run/lock
-WANT_TRIXIE=0
+CHROOTS=()
 WANT_OTEL=0
 EXTRA_PACKAGES=()
-for arg in "$@"; do
-    case "$arg" in
-        --trixie) WANT_TRIXIE=1 ;;
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --trixie) CHROOTS+=(24.11) ;;
+        --all) CHROOTS+=(all) ;;
+        --slurm)
+            [ $# -ge 2 ] || { echo "setup.sh: --slurm needs a generation" >&2; exit 2; }
+            case "$2" in 22.05) ;; *) CHROOTS+=("$2") ;; esac  # 22.05 is the host's own
+            shift ;;
+        --slurm=*) case "${1#--slurm=}" in 22.05) ;; *) CHROOTS+=("${1#--slurm=}") ;; esac ;;
         --redis) EXTRA_PACKAGES+=(redis-server redis-tools) ;;
         --postgres) EXTRA_PACKAGES+=(postgresql-15) ;;
         --nginx) EXTRA_PACKAGES+=(nginx-light) ;;
         --promtool) EXTRA_PACKAGES+=(prometheus) ;;
         --otel) WANT_OTEL=1 ;;
         --extras) EXTRA_PACKAGES+=(redis-server redis-tools postgresql-15 nginx-light prometheus); WANT_OTEL=1 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-        *) echo "setup.sh: unknown argument $arg" >&2; exit 2 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown argument $1" >&2; exit 2 ;;
     esac
+    shift
 done
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -42,7 +52,10 @@ mkdir -p "$LOCKDIR"
 log() { echo "devstack setup: $*" >&2; }
 
 # ---------------------------------------------------------------- apt packages
-APT_PACKAGES=(slurmctld slurmd slurmrestd slurm-client munge slurm-wlm-jwt-plugin debootstrap util-linux)
+# slurmdbd and mariadb-server: accounting (SlurmCluster(accounting=True)); the harness starts its own
+# MariaDB per cluster and never uses the system instance the package may start.
+APT_PACKAGES=(slurmctld slurmd slurmrestd slurm-client munge slurm-wlm-jwt-plugin slurmdbd mariadb-server
+    debootstrap util-linux)
 missing_packages() {
     local p status list=("$@")
     [ $# -gt 0 ] || list=("${APT_PACKAGES[@]}")
@@ -169,7 +182,7 @@ if [ "$WANT_OTEL" = 1 ]; then
     PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}" python3 -m devstack.otel build >/dev/null
 fi
 
-# ---------------------------------------------------------------- Slurm 24.11 chroot (optional)
-if [ "$WANT_TRIXIE" = 1 ]; then
-    PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}" python3 -m devstack.trixie build
+# ---------------------------------------------------------------- Slurm chroots (optional)
+if [ ${#CHROOTS[@]} -gt 0 ]; then
+    PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}" python3 -m devstack.chroot build "${CHROOTS[@]}"
 fi

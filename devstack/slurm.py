@@ -1,10 +1,14 @@
 """A real Slurm cluster (munge, slurmctld, slurmd, slurmrestd) on loopback, one per scratch directory.
 
-Two generations share one API:
+Three generations share one API:
 
 * ``"22.05"``: the host's Debian 12 packages, OpenAPI ``v0.0.38``;
-* ``"24.11"``: Debian 13 packages in a debootstrap chroot (see :mod:`devstack.trixie`),
-  OpenAPI ``v0.0.40`` to ``v0.0.42``.
+* ``"24.11"``: Debian 13 packages in a debootstrap chroot (see :mod:`devstack.chroot`),
+  OpenAPI ``v0.0.40`` to ``v0.0.42``;
+* ``"26.05"``: Debian testing (forky) packages in another chroot, OpenAPI ``v0.0.42`` to ``v0.0.45``.
+
+With ``accounting=True`` a cluster also runs slurmdbd (same generation) on its own MariaDB (see
+:mod:`devstack.mariadb`), and slurmrestd serves ``/slurmdb/<version>/...`` too.
 
 Every port, pid, spool directory, munge socket and ClusterName is per instance, so several
 clusters (of one or both generations, from several test suites) can run on one machine.
@@ -33,7 +37,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -50,9 +54,11 @@ from ._proc import (
     terminate,
     wait_until,
 )
+from .mariadb import MariaDB
 from .users import RESTD, SLURM_USER
 
-Generation = Literal["22.05", "24.11"]
+Generation = Literal["22.05", "24.11", "26.05"]
+GENERATIONS: tuple[Generation, ...] = ("22.05", "24.11", "26.05")
 
 FINISHED_STATES: tuple[str, ...] = (
     "COMPLETED",
@@ -88,10 +94,13 @@ DEFAULT_PARTITIONS: tuple[Partition, ...] = (
 
 
 class Runtime(Protocol):
-    """How a generation's binaries are run: on the host (22.05) or inside a chroot (24.11)."""
+    """How a generation's binaries are run: on the host (22.05) or inside a chroot (24.11, 26.05)."""
 
-    generation: Generation
-    restd_plugins: tuple[str, ...]
+    generation: str
+
+    def restd_plugins(self, accounting: bool) -> tuple[str, ...]:
+        """slurmrestd's ``-s``/``-d`` arguments, with the slurmdbd plugin when ``accounting``."""
+        ...
 
     def prepare(self, cluster: SlurmCluster) -> None:
         """Called once per start, after the cluster's tree exists and before any daemon."""
@@ -117,8 +126,10 @@ class Runtime(Protocol):
 
 
 class _HostRuntime:
-    generation: Generation = "22.05"
-    restd_plugins: tuple[str, ...] = ("-s", "openapi/v0.0.38")
+    generation = "22.05"
+
+    def restd_plugins(self, accounting: bool) -> tuple[str, ...]:
+        return ("-s", "openapi/v0.0.38,openapi/dbv0.0.38" if accounting else "openapi/v0.0.38")
 
     def prepare(self, cluster: SlurmCluster) -> None:
         pass
@@ -167,6 +178,12 @@ class SlurmCluster:
     created under ``/var/tmp/slurmproxy-devstack/clusters/<name>`` instead, ``<workdir>/cluster``
     links to it, and it is removed at :meth:`stop` (logs are copied back to ``<workdir>/slurm-logs``).
     :attr:`workdir` is always the directory really used.
+
+    ``accounting=True`` adds MariaDB and slurmdbd, ``AccountingStorageEnforce=<enforce>`` and the
+    cluster registered in slurmdbd; ``accounts`` maps accounts to the users associated with them
+    before slurmctld starts (a user's first account is the default one). ``min_job_age`` is
+    slurm.conf's MinJobAge (how long a finished job stays in slurmctld); ``dbd_extra_conf`` lines
+    are appended to slurmdbd.conf (e.g. ``PrivateData=jobs``).
     """
 
     def __init__(
@@ -181,8 +198,13 @@ class SlurmCluster:
         chroot: Path | None = None,
         extra_conf: Sequence[str] = (),
         message_timeout: int = 5,
+        accounting: bool = False,
+        accounts: Mapping[str, Sequence[str]] | None = None,
+        enforce: str = "associations,limits,qos",
+        min_job_age: int = 600,
+        dbd_extra_conf: Sequence[str] = (),
     ) -> None:
-        if generation not in ("22.05", "24.11"):
+        if generation not in GENERATIONS:
             raise ValueError(f"unknown Slurm generation {generation!r}")
         self.generation: Generation = generation
         self.name = "ds" + secrets.token_hex(4)
@@ -196,6 +218,14 @@ class SlurmCluster:
         self._chroot_override = chroot
         self._extra_conf = tuple(extra_conf)
         self._message_timeout = message_timeout
+        if accounts and not accounting:
+            raise ValueError("accounts need accounting=True")
+        self.accounting = accounting
+        self._accounts = {name: tuple(users) for name, users in (accounts or {}).items()}
+        self._enforce = enforce
+        self._min_job_age = min_job_age
+        self._dbd_extra_conf = tuple(dbd_extra_conf)
+        self._mariadb: MariaDB | None = None
         self._runtime: Runtime | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._munge_socket: Path | None = None
@@ -203,11 +233,13 @@ class SlurmCluster:
         self._own_tree = False
         self._started = False
         self._api_versions: list[str] = []
+        self._slurmdb_versions: list[str] = []
         self._own_token: tuple[str, float] | None = None
         self.startup_seconds = 0.0
         self.ctld_port = 0
         self.slurmd_port = 0
         self.restd_port = 0
+        self.dbd_port = 0
 
     # ------------------------------------------------------------------ properties
     @property
@@ -246,6 +278,11 @@ class SlurmCluster:
     def api_versions(self) -> list[str]:
         """OpenAPI versions slurmrestd serves, e.g. ``["v0.0.38"]`` (read from ``/openapi/v3``)."""
         return list(self._api_versions)
+
+    @property
+    def slurmdb_versions(self) -> list[str]:
+        """Versions of ``/slurmdb/<version>/...`` slurmrestd serves (empty without accounting)."""
+        return list(self._slurmdb_versions)
 
     @property
     def log_dir(self) -> Path:
@@ -301,14 +338,17 @@ class SlurmCluster:
         self.ctld_port = free_port()
         self.slurmd_port = free_port()
         self.restd_port = free_port()
+        self.dbd_port = free_port() if self.accounting else 0
         self._write_conf()
         self._start_watchdog()
         self._runtime.prepare(self)
         self._start_munge()
+        if self.accounting:
+            self._start_accounting()
         self.start_slurmctld()
         self._start_slurmd()
         self.start_slurmrestd()
-        self._api_versions = self._read_api_versions()
+        self._api_versions, self._slurmdb_versions = self._read_api_versions()
         self.startup_seconds = time.monotonic() - t0
 
     def stop(self) -> None:
@@ -317,8 +357,11 @@ class SlurmCluster:
             return
         with contextlib.suppress(DevstackError):
             self._cancel_all_jobs()
-        for name in ("slurmrestd", "slurmd", "slurmctld"):
+        for name in ("slurmrestd", "slurmd", "slurmctld", "slurmdbd"):
             self._stop_proc(name, grace=5)
+        if self._mariadb is not None:
+            self._mariadb.stop()
+            self._mariadb = None
         self._kill_job_leftovers()
         for name in ("munged", "nsholder"):
             self._stop_proc(name, grace=5)
@@ -373,7 +416,7 @@ class SlurmCluster:
             listen.append(f"unix:{sock}")
         argv = self._runtime.as_user(
             RESTD.uid,
-            ["slurmrestd", "-a", "rest_auth/jwt", *self._runtime.restd_plugins, *listen],
+            ["slurmrestd", "-a", "rest_auth/jwt", *self._runtime.restd_plugins(self.accounting), *listen],
         )
         env = self._env(SLURM_JWT="daemon", HOME=str(restd_dir))
         log = self.log_dir / "slurmrestd.log"
@@ -405,6 +448,179 @@ class SlurmCluster:
             logs=[log, self.log_dir / "slurmctld.stdout.log"],
             alive=lambda: self._dead_message("slurmctld"),
         )
+
+    def stop_slurmdbd(self) -> None:
+        self._stop_proc("slurmdbd", grace=10)
+
+    def start_slurmdbd(self) -> None:
+        """(Re)start slurmdbd; returns when ``sacctmgr list cluster`` gets an answer from it."""
+        assert self._runtime is not None
+        if not self.accounting:
+            raise DevstackError("this cluster has no accounting (SlurmCluster(accounting=True))")
+        if self._proc_alive("slurmdbd"):
+            return
+        argv = self._runtime.command(["slurmdbd", "-D"])
+        self._procs["slurmdbd"] = spawn(argv, self.log_dir / "slurmdbd.stdout.log", self._env())
+        last: list[str] = [""]
+
+        def answers() -> bool:
+            out = self.slurm_cmd(["sacctmgr", "-nP", "list", "cluster"], timeout=15, check=False)
+            last[0] = out.stdout + out.stderr
+            return out.returncode == 0
+
+        try:
+            wait_until(
+                answers,
+                timeout=self._start_timeout,
+                what="slurmdbd to answer sacctmgr list cluster",
+                interval=0.2,
+                logs=[
+                    self.log_dir / "slurmdbd.log",
+                    self.log_dir / "slurmdbd.stdout.log",
+                    self.log_dir / "mariadb.log",
+                ],
+                alive=lambda: self._dead_message("slurmdbd"),
+            )
+        except DevstackError as exc:
+            raise DevstackError(f"{exc}\nlast sacctmgr output: {last[0][-2000:]}") from None
+
+    # ------------------------------------------------------------------ accounting (slurmdbd)
+    def sacctmgr(self, argv: Sequence[str], timeout: float = 30) -> str:
+        """Run ``sacctmgr -i <argv>`` as root (an accounting administrator); its stdout."""
+        self._need_accounting()
+        return self.slurm_cmd(["sacctmgr", "-i", *argv], timeout=timeout).stdout
+
+    def add_account(self, account: str, *, parent: str | None = None, description: str | None = None) -> None:
+        """Create an account in this cluster (under ``root``, or ``parent``)."""
+        argv = ["add", "account", account, f"Cluster={self.name}"]
+        argv.append(f"Description={description or account}")
+        argv.append(f"Organization={account}")
+        if parent:
+            argv.append(f"Parent={parent}")
+        self.sacctmgr(argv)
+
+    def add_user(self, user: str, account: str, *, default: bool = False) -> None:
+        """Associate ``user`` with ``account``; returns once slurmctld knows the association.
+
+        A user's first association's account is the user's default account; ``default=True``
+        makes ``account`` the default of a user who already has one.
+        """
+        self.sacctmgr(["add", "user", user, f"Account={account}", f"Cluster={self.name}"])
+        if default:
+            self.sacctmgr(["modify", "user", user, "set", f"DefaultAccount={account}"])
+        if self._proc_alive("slurmctld"):
+            self._wait_ctld_association(user, account, present=True)
+
+    def remove_user(self, user: str, account: str | None = None) -> None:
+        """Remove ``user``'s association with ``account`` (or all of them); waits for slurmctld."""
+        argv = ["delete", "user", user, f"Cluster={self.name}"]
+        if account:
+            argv.append(f"Account={account}")
+        self.sacctmgr(argv)
+        if self._proc_alive("slurmctld"):
+            self._wait_ctld_association(user, account, present=False)
+
+    def associations(self) -> list[dict[str, str]]:
+        """slurmdbd's associations of this cluster: ``{"account", "user", "partition", "default"}`` each.
+
+        Account-only associations have ``user == ""``; ``default`` is the user's default account.
+        """
+        out = self.sacctmgr(
+            ["-nP", "show", "associations", f"cluster={self.name}", "format=account,user,partition"]
+        ).splitlines()
+        defaults = {}
+        for line in self.sacctmgr(["-nP", "show", "user", "format=user,defaultaccount"]).splitlines():
+            if "|" in line:
+                name, default = line.split("|", 1)
+                defaults[name] = default
+        rows = []
+        for line in out:
+            if line.count("|") != 2:
+                continue
+            account, user, partition = line.split("|")
+            rows.append({"account": account, "user": user, "partition": partition, "default": defaults.get(user, "")})
+        return rows
+
+    def _need_accounting(self) -> None:
+        if not self.accounting:
+            raise DevstackError("this cluster has no accounting (SlurmCluster(accounting=True))")
+
+    def _wait_ctld_association(self, user: str, account: str | None, present: bool) -> None:
+        """slurmdbd pushes association changes to slurmctld asynchronously; wait until they arrived."""
+
+        def arrived() -> bool:
+            argv = ["scontrol", "show", "assoc_mgr", f"users={user}", "flags=assoc"]
+            if account:
+                argv.insert(4, f"accounts={account}")
+            out = self.slurm_cmd(argv, timeout=15, check=False).stdout
+            there = re.search(rf"\bUserName={re.escape(user)}\(", out) is not None
+            return there == present
+
+        wait_until(
+            arrived,
+            timeout=30,
+            what=f"slurmctld to {'learn' if present else 'forget'} {user}'s association with {account or 'any'}",
+            interval=0.1,
+            logs=[self.log_dir / "slurmctld.log", self.log_dir / "slurmdbd.log"],
+        )
+
+    def _accounting_conf(self) -> list[str]:
+        if not self.accounting:
+            return ["AccountingStorageType=accounting_storage/none"]
+        return [
+            "AccountingStorageType=accounting_storage/slurmdbd",
+            "AccountingStorageHost=localhost",
+            f"AccountingStoragePort={self.dbd_port}",
+            f"AccountingStorageEnforce={self._enforce}",
+            # The persistent connection to slurmdbd authenticates with this munge socket, not
+            # with AuthInfo's.
+            f"AccountingStoragePass={self._munge_socket_path_for_conf()}",
+        ]
+
+    def _start_accounting(self) -> None:
+        """MariaDB, slurmdbd, the cluster and the constructor's accounts, before slurmctld starts."""
+        self._mariadb = MariaDB(self.workdir / "mariadb", self.log_dir / "mariadb.log", self._env())
+        self._mariadb.start()
+        self._write_slurmdbd_conf(self._mariadb)
+        self.start_slurmdbd()
+        self.sacctmgr(["add", "cluster", self.name])
+        for account, users in self._accounts.items():
+            self.add_account(account)
+            for user in users:
+                self.add_user(user, account)
+
+    def _write_slurmdbd_conf(self, db: MariaDB) -> None:
+        w = self.workdir
+        lines = [
+            "AuthType=auth/munge",
+            "AuthAltTypes=auth/jwt",
+            f"AuthAltParameters=jwt_key={self.jwt_key_path}",
+            "DbdHost=localhost",
+            "DbdAddr=127.0.0.1",
+            f"DbdPort={self.dbd_port}",
+            f"SlurmUser={SLURM_USER}",
+            "DebugLevel=info",
+            f"LogFile={w / 'log' / 'slurmdbd.log'}",
+            f"PidFile={w / 'run' / 'slurmdbd.pid'}",
+            f"MessageTimeout={self._message_timeout}",
+            "StorageType=accounting_storage/mysql",
+            "StorageHost=127.0.0.1",
+            f"StoragePort={db.port}",
+            "StorageUser=slurm",
+            f"StoragePass={db.password}",
+            "StorageLoc=slurm_acct_db",
+            f"StorageParameters=SSL_CA={db.tls_ca}",
+            *self._dbd_extra_conf,
+        ]
+        sock = self._munge_socket_path_for_conf()
+        if sock is not None:
+            lines.insert(1, f"AuthInfo=socket={sock}")
+        path = w / "slurmdbd.conf"
+        slurm = pwd.getpwnam(SLURM_USER)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        os.chown(path, slurm.pw_uid, slurm.pw_gid)
 
     # ------------------------------------------------------------------ Slurm-side helpers
     def slurm_cmd(
@@ -462,6 +678,20 @@ class SlurmCluster:
                 )
             time.sleep(0.2)
 
+    def wait_job_gone(self, job_id: int | str, timeout: float | None = None) -> None:
+        """Wait until slurmctld has purged a finished job (``MinJobAge`` after it ended).
+
+        slurmctld purges in its background loop, so this takes up to about 10 s more than
+        ``min_job_age`` here. The default timeout is ``min_job_age + 60``.
+        """
+        limit = self._min_job_age + 60 if timeout is None else timeout
+
+        def gone() -> bool:
+            out = self.slurm_cmd(["scontrol", "show", "job", "-o", str(job_id)], timeout=15, check=False)
+            return out.returncode != 0 and "Invalid job id" in (out.stdout + out.stderr)
+
+        wait_until(gone, timeout=limit, what=f"slurmctld to purge job {job_id}", interval=0.5, logs=self.log_paths())
+
     def diag(self) -> dict[str, int]:
         """RPC counts per message type from ``sdiag`` (e.g. ``{"REQUEST_SUBMIT_BATCH_JOB": 3}``).
 
@@ -489,9 +719,9 @@ class SlurmCluster:
     def _make_runtime(self) -> Runtime:
         if self.generation == "22.05":
             return _HostRuntime()
-        from .trixie import ChrootRuntime
+        from .chroot import ChrootRuntime, spec_for
 
-        return ChrootRuntime(self._chroot_override)
+        return ChrootRuntime(spec_for(self.generation), self._chroot_override)
 
     def _prepare_tree(self) -> None:
         given = self._given_dir
@@ -567,12 +797,12 @@ class SlurmCluster:
             "MpiDefault=none",
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none",
-            "AccountingStorageType=accounting_storage/none",
+            *self._accounting_conf(),
             "SlurmdParameters=config_overrides",
             f"MessageTimeout={self._message_timeout}",
             "TCPTimeout=2",
             "KillWait=2",
-            "MinJobAge=600",
+            f"MinJobAge={self._min_job_age}",
             "InactiveLimit=0",
             "SlurmdTimeout=300",
             "SchedulerParameters=defer_batch=0,sched_min_interval=0,bf_interval=5",
@@ -705,12 +935,20 @@ class SlurmCluster:
         except (OSError, ValueError):
             return 0
 
-    def _read_api_versions(self) -> list[str]:
+    def _read_api_versions(self) -> tuple[list[str], list[str]]:
+        """The ``/slurm/...`` and ``/slurmdb/...`` versions named in ``/openapi/v3``, oldest first."""
         req = urllib.request.Request(self.url + "/openapi/v3", headers=self._auth_headers())
         with urllib.request.urlopen(req, timeout=30) as resp:
             doc: dict[str, Any] = json.load(resp)
-        versions = {m.group(1) for p in doc.get("paths", {}) if (m := re.match(r"^/slurm/(v\d+\.\d+\.\d+)/", p))}
-        return sorted(versions, key=lambda v: tuple(int(x) for x in v[1:].split(".")))
+        found: dict[str, set[str]] = {"slurm": set(), "slurmdb": set()}
+        for path in doc.get("paths", {}):
+            if m := re.match(r"^/(slurm|slurmdb)/(v\d+\.\d+\.\d+)/", path):
+                found[m.group(1)].add(m.group(2))
+
+        def ordered(versions: set[str]) -> list[str]:
+            return sorted(versions, key=lambda v: tuple(int(x) for x in v[1:].split(".")))
+
+        return ordered(found["slurm"]), ordered(found["slurmdb"])
 
     def _cancel_all_jobs(self) -> None:
         if not self._proc_alive("slurmctld"):
@@ -818,6 +1056,7 @@ def parse_sdiag(text: str) -> dict[str, int]:
 __all__ = [
     "DEFAULT_PARTITIONS",
     "FINISHED_STATES",
+    "GENERATIONS",
     "Generation",
     "Partition",
     "SlurmCluster",

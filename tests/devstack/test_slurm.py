@@ -199,3 +199,46 @@ def test_2411_bad_tokens_and_authorization_header(cluster2411: SlurmCluster) -> 
     assert sock is not None
     with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://slurmrestd") as client:
         assert client.get(jobs, headers=headers("alice", alice)).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def cluster2605(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    with SlurmCluster(tmp_path_factory.mktemp("slurm2605"), "26.05") as cluster:
+        yield cluster
+
+
+def test_2605_submit_as_alice_runs_as_alice(cluster2605: SlurmCluster) -> None:
+    assert cluster2605.api_versions == ["v0.0.42", "v0.0.43", "v0.0.44", "v0.0.45"]
+    assert cluster2605.slurmdb_versions == []
+    version = cluster2605.slurm_cmd(["scontrol", "--version"]).stdout
+    assert version.startswith("slurm-wlm 26.05."), version  # Debian names it slurm-wlm
+    job_id = _submit_2411(cluster2605, "alice", "v0.0.45")["job_id"]
+    job = cluster2605.wait_job(job_id, timeout=60)
+    assert job["JobState"] == "COMPLETED", job
+    assert job["UserId"] == f"alice({ALICE.uid})"
+    output = (cluster2605.job_dir("alice") / f"out-{job_id}.txt").read_text()
+    assert output.startswith(f"uid={ALICE.uid}(alice)")
+
+
+def test_2605_auth_headers_as_in_2411(cluster2605: SlurmCluster) -> None:
+    alice = hs256_token(cluster2605, "alice")
+    jobs = "/slurm/v0.0.45/jobs/"
+    with httpx.Client(base_url=cluster2605.url, timeout=30) as client:
+        assert client.get(jobs, headers=headers("alice", alice)).status_code == 200
+        rejected = client.get(jobs, headers=headers("bob", alice))
+        assert rejected.status_code == 511
+        assert rejected.json()["errors"][0]["error_number"] == 1007
+        assert client.get(jobs, headers=headers("alice", "garbage")).status_code == 511
+        assert client.get(jobs).status_code == 401
+        assert client.get(jobs, headers={"X-SLURM-USER-TOKEN": alice}).status_code == 200
+        assert client.get(jobs, headers={"Authorization": f"Bearer {alice}"}).status_code == 200
+        both = {"Authorization": f"Bearer {alice}", **headers("alice", alice)}
+        assert client.get(jobs, headers=both).status_code == 401
+        # A refused submission is 422 from 26.05 on (24.11: 500).
+        bad = {
+            "script": "#!/bin/bash\n",
+            "job": {"partition": "nope", "environment": ["A=1"], "current_working_directory": "/"},
+        }
+        refused = client.post("/slurm/v0.0.45/job/submit", json=bad, headers=headers("alice", alice))
+        assert refused.status_code == 422
+        assert refused.json()["errors"][0]["error_number"] == 2000
