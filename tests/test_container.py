@@ -66,7 +66,7 @@ def test_the_build_context_keeps_what_the_build_copies() -> None:
     copied = [
         src for op, arg in instructions() if op == "COPY" and not arg.startswith("--from") for src in arg.split()[:-1]
     ]
-    assert copied == ["pyproject.toml", "README.md", "slurmproxy", "scripts/install-runtime"]
+    assert copied == ["pyproject.toml", "README.md", "constraints.txt", "slurmproxy", "scripts/install-runtime"]
     for src in copied:
         assert (ROOT / src).exists()
         assert not any(fnmatch.fnmatch(src, pattern) or src.startswith(pattern + "/") for pattern in ignored), src

@@ -1,5 +1,5 @@
-"""ALISE client contract tests: the documented answers (tests/samples/alise_*.json, the shapes of ALISE 1.1's mapping API),
-timeouts, caches, single flight, outage modes, and the API key kept out of logs and errors."""
+"""ALISE client contract tests: the documented answers (tests/samples/alise_*.json, the shapes of ALISE 1.1's
+mapping API), timeouts, caches, single flight, outage modes, and the API key kept out of logs and errors."""
 
 from __future__ import annotations
 
