@@ -113,7 +113,12 @@ def test_secrets_are_mounted_files_never_values(chart: helm.Chart) -> None:
     assert config["upstream"]["jwt_key_file"] == "/etc/slurmproxy/secrets/slurm-jwt-key/jwt_hs256.key"
     assert config["audit"]["pseudonym_key_file"] == "/etc/slurmproxy/secrets/audit-pseudonym-key/key"
     assert config["audit"]["file"] == "/var/log/slurmproxy/audit.log"
-    assert config["server"] == {**FULL["config"]["server"], "host": "0.0.0.0", "port": 8080}
+    assert config["server"] == {
+        **FULL["config"]["server"],
+        "host": "0.0.0.0",
+        "port": 8080,
+        "allow_plain_http": True,  # TLS ends at the ingress; without it the proxy refuses 0.0.0.0
+    }
     assert config["policy"] == {"paths": ["/etc/slurmproxy/policies"]}
 
 
