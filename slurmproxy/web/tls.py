@@ -186,13 +186,10 @@ def _new_loop(handshake_timeout: float) -> asyncio.AbstractEventLoop:
     return loop
 
 
-def _factory(handshake_timeout: float, use_subprocess: bool = False) -> Callable[[], asyncio.AbstractEventLoop]:
+def loop_factory(handshake_timeout: float) -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvicorn's ``loop`` option (a custom value is the loop factory itself): uvloop, with TLS handshakes
+    bounded; a partial of a module function, so that it pickles for worker processes."""
     return functools.partial(_new_loop, handshake_timeout)
-
-
-def loop_factory(handshake_timeout: float) -> Callable[..., Callable[[], asyncio.AbstractEventLoop]]:
-    """uvicorn's ``loop`` option: uvloop, with TLS handshakes bounded (picklable for worker processes)."""
-    return functools.partial(_factory, handshake_timeout)
 
 
 def uvicorn_tls_options(settings: TlsSettings | None, handshake_timeout: float) -> dict[str, Any]:

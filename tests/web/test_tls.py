@@ -308,3 +308,21 @@ def test_the_tls_port_is_free_again_after_a_failed_start(tmp_path: Path) -> None
     assert main(["serve", "--config", str(tmp_path / "config.yaml")]) == 2
     with contextlib.closing(socket.socket()) as probe:
         probe.bind(("127.0.0.1", port))
+
+
+def test_the_tls_options_pickle_for_worker_processes(tmp_path: Path, pki: TestPKI) -> None:
+    """uvicorn sends its config to each worker process (server.workers > 1) by pickling it."""
+    import pickle
+
+    pair = pki.server("proxy")
+    settings = make_settings(tmp_path, server={"tls": {"cert_file": str(pair.cert), "key_file": str(pair.key)}})
+    options = pickle.loads(pickle.dumps(uvicorn_options(settings)))
+    loop = options["loop"]()
+    try:
+        assert loop.handshake_timeout == settings.server.header_timeout_seconds
+    finally:
+        loop.close()
+    factory = options["ssl_context_factory"]
+    context = factory(None, lambda: None)
+    factory.server.close()
+    assert isinstance(context, ssl.SSLContext) and context.minimum_version == ssl.TLSVersion.TLSv1_2
