@@ -63,7 +63,8 @@ def test_every_manifest_is_valid_kubernetes(chart: helm.Chart, values: dict[str,
     expected = {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "hpc-slurmproxy-config"}
     expected |= {"hpc-slurmproxy-policies"}
     if values:
-        expected |= {"HorizontalPodAutoscaler", "NetworkPolicy"}
+        expected |= {"HorizontalPodAutoscaler", "NetworkPolicy", "hpc-slurmproxy-dashboard"}
+        expected |= {"hpc-slurmproxy-alert-rules"}
     assert set(kinds(docs)) == expected
 
 

@@ -316,7 +316,7 @@ def test_the_tls_options_pickle_for_worker_processes(tmp_path: Path, pki: TestPK
 
     pair = pki.server("proxy")
     settings = make_settings(tmp_path, server={"tls": {"cert_file": str(pair.cert), "key_file": str(pair.key)}})
-    options = pickle.loads(pickle.dumps(uvicorn_options(settings)))
+    options = pickle.loads(pickle.dumps(uvicorn_options(settings)))  # noqa: S301 (our own bytes, as uvicorn does)
     loop = options["loop"]()
     try:
         assert loop.handshake_timeout == settings.server.header_timeout_seconds
