@@ -1,8 +1,8 @@
-"""The systemd unit (dist/systemd/slurmproxy.service) and the install layout it expects.
+"""The systemd unit (systemd/slurmproxy.service) and the install layout it expects.
 
 ``systemd-analyze verify`` and ``security --offline`` check the unit file as systemd would read it (PID 1
 is not systemd on the test machines; both work offline). Then the proxy is run the way the unit runs it:
-the config of dist/etc/config.yaml, the secrets in a credentials directory named by
+the config of systemd/config.yaml, the secrets in a credentials directory named by
 ``$CREDENTIALS_DIRECTORY``, and the unit's own ``ExecReload`` command reloading the policy."""
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from devstack.checks import unit_exposure, verify_unit
 from slurmproxy.config.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-UNIT = ROOT / "dist" / "systemd" / "slurmproxy.service"
-CONFIG = ROOT / "dist" / "etc" / "config.yaml"
+UNIT = ROOT / "systemd" / "slurmproxy.service"
+CONFIG = ROOT / "systemd" / "config.yaml"
 INSTALLED = "/opt/slurmproxy/bin/slurmproxy"
 MAX_EXPOSURE = 1.5  # docs/guide.md states the figure; "OK" in systemd-analyze's words is below 4
 BOUND = 30.0

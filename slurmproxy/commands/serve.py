@@ -15,7 +15,7 @@ from typing import Any
 
 from slurmproxy.audit.record import read_pseudonym_key
 from slurmproxy.commands import EXIT_CONFIG, EXIT_OK, add_config_argument
-from slurmproxy.config.settings import Settings, load_settings, plain_http_refusal
+from slurmproxy.config.settings import Settings, load_settings, plain_http_refusal, unresolved_credentials
 from slurmproxy.errors import ConfigError
 from slurmproxy.identity import check_identity_config
 from slurmproxy.pipeline.runtime import load_runtime_policy
@@ -26,6 +26,12 @@ from slurmproxy.upstream.credentials import credentials_from
 def validate(config: Path | None) -> Settings:
     """Everything serve needs, checked; raises ConfigError (PolicyError and CredentialError among them)."""
     settings = load_settings(config)
+    unresolved = unresolved_credentials(settings)
+    if unresolved:
+        raise ConfigError(
+            f"{', '.join(unresolved)}: named in $CREDENTIALS_DIRECTORY, which is not set. systemd sets it for a "
+            "service with LoadCredential=; to check by hand, set it to a directory holding those files"
+        )
     load_runtime_policy(settings)
     credentials_from(settings.upstream)
     check_identity_config(settings.identity)

@@ -62,26 +62,48 @@ def setting(default: Any = ..., description: str = "", *, shown: str | None = No
     return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 
+CREDENTIALS_PREFIXES = ("$CREDENTIALS_DIRECTORY/", "${CREDENTIALS_DIRECTORY}/")
+
+
+def _names_credential(path: Path | str) -> bool:
+    return str(path).startswith(CREDENTIALS_PREFIXES)
+
+
 def _resolve(path: Path) -> Path:
+    if _names_credential(path):  # $CREDENTIALS_DIRECTORY not set: kept as written (see unresolved_credentials)
+        return path
     path = path.expanduser()
     return path if path.is_absolute() else ((_base_dir.get() or Path.cwd()) / path)
 
 
-CREDENTIALS_PREFIXES = ("$CREDENTIALS_DIRECTORY/", "${CREDENTIALS_DIRECTORY}/")
-
-
 def _credential(value: Any) -> Any:
     """``$CREDENTIALS_DIRECTORY/NAME``: a file systemd passed with ``LoadCredential=`` (the directory is
-    private to the service and exists only while it runs, so the unit cannot name it in advance)."""
-    if not isinstance(value, str) or not value.startswith(CREDENTIALS_PREFIXES):
+    private to the service and exists only while it runs, so the unit cannot name it in advance).
+
+    Without the variable (an admin's ``slurmproxy audit --config ...`` outside the service) the path
+    stays as written: commands that do not read the file work, and ``serve``/``check-config`` refuse
+    it with :func:`unresolved_credentials`."""
+    if not isinstance(value, str) or not _names_credential(value):
         return value
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
     if not directory:
-        raise ValueError(
-            f"{value!r} names $CREDENTIALS_DIRECTORY, which is not set: systemd sets it for a service with "
-            "LoadCredential= (outside systemd, give the file's path)"
-        )
+        return value
     return str(Path(directory) / value.split("/", 1)[1])
+
+
+def unresolved_credentials(model: BaseModel, prefix: str = "") -> list[str]:
+    """The settings (``section.key``) that name ``$CREDENTIALS_DIRECTORY`` while it is not set."""
+    found: list[str] = []
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        key = f"{prefix}{field.alias or name}"
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
+        for item in values:
+            if isinstance(item, BaseModel):
+                found += unresolved_credentials(item, f"{key}.")
+            elif isinstance(item, Path) and _names_credential(item):
+                found.append(key)
+    return found
 
 
 ConfigPath = Annotated[Path, BeforeValidator(_credential), AfterValidator(_resolve)]

@@ -284,8 +284,14 @@ def test_serve_refuses_a_non_loopback_host_from_the_command_line(
 
 def test_paths_under_the_credentials_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    with pytest.raises(ValueError, match="LoadCredential"):
-        TlsSettings(cert_file="$CREDENTIALS_DIRECTORY/tls.crt", key_file=tmp_path / "k")
+    # Without the variable (an admin's `slurmproxy audit --config`), the settings load as written ...
+    settings = make_settings(tmp_path, server={"tls": {"cert_file": "c.pem", "key_file": "$CREDENTIALS_DIRECTORY/k"}})
+    assert settings.server.tls is not None and str(settings.server.tls.key_file) == "$CREDENTIALS_DIRECTORY/k"
+    # ... and serve and check-config refuse them, naming the setting.
+    from slurmproxy.commands.serve import validate
+
+    with pytest.raises(ConfigError, match=r"server\.tls\.key_file: named in \$CREDENTIALS_DIRECTORY.*LoadCredential"):
+        validate(tmp_path / "config.yaml")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/slurmproxy.service")
     tls = TlsSettings(
         cert_file="${CREDENTIALS_DIRECTORY}/tls.crt",
