@@ -177,3 +177,29 @@ def test_an_http_endpoint_must_be_a_url() -> None:
     with pytest.raises(ValueError, match="http"):
         TracingSettings(endpoint="127.0.0.1:4318")
     assert TracingSettings(endpoint="127.0.0.1:4317", protocol="grpc", insecure=True).enabled
+
+
+def test_with_tracing_off_opentelemetry_is_not_even_imported(tmp_path: Path) -> None:
+    """The proxy's modules, the app and its runtime with tracing off: no OpenTelemetry module is loaded."""
+    import subprocess
+    import sys
+
+    settings = make_settings(tmp_path)
+    script = (
+        "import asyncio, sys\n"
+        "from slurmproxy.config.settings import load_settings\n"
+        "from slurmproxy.pipeline.app import create_app\n"
+        "from slurmproxy.pipeline.runtime import open_runtime\n"
+        "import slurmproxy.commands.serve, slurmproxy.cli\n"
+        f"settings = load_settings(__import__('pathlib').Path({str(tmp_path / 'config.yaml')!r}))\n"
+        "create_app(settings)\n"
+        "async def main():\n"
+        "    async with open_runtime(settings) as runtime:\n"
+        "        assert runtime.tracing is None\n"
+        "asyncio.run(main())\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('opentelemetry'))\n"
+        "print(loaded)\n"
+    )
+    assert not settings.tracing.enabled
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
