@@ -8,6 +8,7 @@ provider, and ``systemctl start`` is the unit's ExecStart with its credentials d
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import ssl
@@ -167,12 +168,11 @@ def test_the_guide_runs(site: Site, guide_slurm: SlurmCluster) -> None:
     for block in steps:
         site.do(block)
     # The job the guide submitted ran as the account the guide's table names.
-    records = [line for line in (site.root / "var" / "log" / "slurmproxy" / "audit.log").read_text().splitlines()]
-    submitted = [r for r in records if '"request_id": "first-job"' in r or '"request_id":"first-job"' in r]
+    audit = site.root / "var" / "log" / "slurmproxy" / "audit.log"
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    submitted = [r for r in records if r["request_id"] == "first-job"]
     assert len(submitted) == 1, records[-5:]
-    import json
-
-    job_id = json.loads(submitted[0])["job_id"]
+    job_id = submitted[0]["job_id"]
     assert guide_slurm.wait_job(job_id)["UserId"] == "alice(2001)"
 
 
