@@ -203,3 +203,22 @@ def test_with_tracing_off_opentelemetry_is_not_even_imported(tmp_path: Path) -> 
     assert not settings.tracing.enabled
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_tracing_without_the_extra_installed_stops_start_up_with_the_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from slurmproxy.commands.serve import validate
+    from slurmproxy.errors import ConfigError
+
+    traced_settings(tmp_path)
+    real = importlib.util.find_spec
+
+    def without_exporter(name: str, package: str | None = None) -> Any:
+        return None if name.startswith("opentelemetry.exporter") else real(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_exporter)
+    with pytest.raises(ConfigError, match=r"pip install 'slurmproxy\[tracing\]'"):
+        validate(tmp_path / "config.yaml")
