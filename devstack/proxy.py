@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -21,7 +22,9 @@ class ProxyServer:
     """Writes ``config.yaml`` (and policies, if given) into ``workdir`` and runs the proxy on it.
 
     The audit log goes to ``workdir/audit.log`` unless the config says otherwise; application logs
-    to ``workdir/proxy.log``.
+    to ``workdir/proxy.log``. With ``server.tls`` in the config the URL is ``https://``, and
+    ``client_ssl`` (trusting the test CA, with a client certificate where one is required) is what
+    the liveness check connects with.
     """
 
     def __init__(
@@ -31,8 +34,10 @@ class ProxyServer:
         policies: dict[str, Any] | None = None,
         *,
         env: dict[str, str] | None = None,
+        client_ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.workdir = workdir
+        self.client_ssl = client_ssl
         self.port = free_port()
         self.config = config
         self.policies = policies
@@ -40,8 +45,12 @@ class ProxyServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.config.get("server", {}).get("tls") else "http"
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def config_path(self) -> Path:
@@ -89,7 +98,7 @@ class ProxyServer:
 
     def live(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/_slurmproxy/live", timeout=1) as response:
+            with urllib.request.urlopen(f"{self.url}/_slurmproxy/live", timeout=1, context=self.client_ssl) as response:
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False

@@ -53,9 +53,10 @@ log() { echo "devstack setup: $*" >&2; }
 
 # ---------------------------------------------------------------- apt packages
 # slurmdbd and mariadb-server: accounting (SlurmCluster(accounting=True)); the harness starts its own
-# MariaDB per cluster and never uses the system instance the package may start.
+# MariaDB per cluster and never uses the system instance the package may start. curl: the admin's
+# guide (docs/guide.md) is run as written by tests/integration/test_guide.py.
 APT_PACKAGES=(slurmctld slurmd slurmrestd slurm-client munge slurm-wlm-jwt-plugin slurmdbd mariadb-server
-    debootstrap util-linux)
+    debootstrap util-linux curl)
 missing_packages() {
     local p status list=("$@")
     [ $# -gt 0 ] || list=("${APT_PACKAGES[@]}")

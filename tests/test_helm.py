@@ -63,7 +63,8 @@ def test_every_manifest_is_valid_kubernetes(chart: helm.Chart, values: dict[str,
     expected = {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "hpc-slurmproxy-config"}
     expected |= {"hpc-slurmproxy-policies"}
     if values:
-        expected |= {"HorizontalPodAutoscaler", "NetworkPolicy"}
+        expected |= {"HorizontalPodAutoscaler", "NetworkPolicy", "hpc-slurmproxy-dashboard"}
+        expected |= {"hpc-slurmproxy-alert-rules"}
     assert set(kinds(docs)) == expected
 
 
@@ -113,7 +114,12 @@ def test_secrets_are_mounted_files_never_values(chart: helm.Chart) -> None:
     assert config["upstream"]["jwt_key_file"] == "/etc/slurmproxy/secrets/slurm-jwt-key/jwt_hs256.key"
     assert config["audit"]["pseudonym_key_file"] == "/etc/slurmproxy/secrets/audit-pseudonym-key/key"
     assert config["audit"]["file"] == "/var/log/slurmproxy/audit.log"
-    assert config["server"] == {**FULL["config"]["server"], "host": "0.0.0.0", "port": 8080}
+    assert config["server"] == {
+        **FULL["config"]["server"],
+        "host": "0.0.0.0",
+        "port": 8080,
+        "allow_plain_http": True,  # TLS ends at the ingress; without it the proxy refuses 0.0.0.0
+    }
     assert config["policy"] == {"paths": ["/etc/slurmproxy/policies"]}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from slurmproxy.audit.record import read_pseudonym_key
 from slurmproxy.commands import EXIT_CONFIG, EXIT_OK, add_config_argument
-from slurmproxy.config.settings import Settings, load_settings
+from slurmproxy.config.settings import Settings, load_settings, plain_http_refusal, unresolved_credentials
 from slurmproxy.errors import ConfigError
 from slurmproxy.identity import check_identity_config
 from slurmproxy.pipeline.runtime import load_runtime_policy
@@ -26,12 +26,25 @@ from slurmproxy.upstream.credentials import credentials_from
 def validate(config: Path | None) -> Settings:
     """Everything serve needs, checked; raises ConfigError (PolicyError and CredentialError among them)."""
     settings = load_settings(config)
+    unresolved = unresolved_credentials(settings)
+    if unresolved:
+        raise ConfigError(
+            f"{', '.join(unresolved)}: named in $CREDENTIALS_DIRECTORY, which is not set. systemd sets it for a "
+            "service with LoadCredential=; to check by hand, set it to a directory holding those files"
+        )
     load_runtime_policy(settings)
     credentials_from(settings.upstream)
     check_identity_config(settings.identity)
     read_client_secrets(settings.oidc)
     if settings.audit.pseudonym_key_file is not None:
         read_pseudonym_key(settings.audit.pseudonym_key_file)
+    if settings.server.tls is not None:
+        from slurmproxy.web.tls import build_context
+
+        build_context(settings.server.tls)
+    from slurmproxy.observability.tracing import check_tracing
+
+    check_tracing(settings.tracing)
     return settings
 
 
@@ -46,7 +59,9 @@ def validated(config: Path | None) -> Settings | None:
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     from slurmproxy.web.protocol import server_options
+    from slurmproxy.web.tls import uvicorn_tls_options
 
+    server = settings.server
     return {
         "loop": "uvloop",
         "http": "httptools",
@@ -55,13 +70,27 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "proxy_headers": False,
         "log_config": None,
         "timeout_graceful_shutdown": 30,
-        **server_options(settings),  # slow and abusive clients: see slurmproxy/httpserver.py
+        **server_options(settings),  # slow and abusive clients: see slurmproxy/web/protocol.py
+        **uvicorn_tls_options(server.tls, server.header_timeout_seconds),  # HTTPS: slurmproxy/web/tls.py
     }
+
+
+def listen_options(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Where uvicorn listens: the unix socket, or host and port (the command line overrides the file)."""
+    server = settings.server
+    if server.unix_socket is not None and args.host is None and args.port is None:
+        return {"uds": str(server.unix_socket)}
+    return {"host": args.host or server.host, "port": args.port if args.port is not None else server.port}
 
 
 def serve(args: argparse.Namespace) -> int:
     settings = validated(args.config)
     if settings is None:
+        return EXIT_CONFIG
+    listen = listen_options(settings, args)
+    refusal = plain_http_refusal(listen.get("host"), settings.server)
+    if refusal is not None:  # --host names another address than the file: the same rule applies
+        print(f"slurmproxy: invalid configuration\n  {refusal}", file=sys.stderr)
         return EXIT_CONFIG
     import uvicorn
 
@@ -77,9 +106,8 @@ def serve(args: argparse.Namespace) -> int:
         uvicorn.run(
             "slurmproxy.pipeline.app:create_app",
             factory=True,
-            host=args.host or settings.server.host,
-            port=args.port if args.port is not None else settings.server.port,
             workers=workers,
+            **listen,
             **uvicorn_options(settings),
         )
     finally:

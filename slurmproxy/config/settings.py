@@ -13,13 +13,24 @@ bare value would not say it well (``1 MiB`` rather than ``1048576``).
 from __future__ import annotations
 
 import contextvars
+import ipaddress
+import os
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    field_validator,
+    model_validator,
+)
 from pydantic.config import JsonDict
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -51,16 +62,103 @@ def setting(default: Any = ..., description: str = "", *, shown: str | None = No
     return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 
+CREDENTIALS_PREFIXES = ("$CREDENTIALS_DIRECTORY/", "${CREDENTIALS_DIRECTORY}/")
+
+
+def _names_credential(path: Path | str) -> bool:
+    return str(path).startswith(CREDENTIALS_PREFIXES)
+
+
 def _resolve(path: Path) -> Path:
+    if _names_credential(path):  # $CREDENTIALS_DIRECTORY not set: kept as written (see unresolved_credentials)
+        return path
     path = path.expanduser()
     return path if path.is_absolute() else ((_base_dir.get() or Path.cwd()) / path)
 
 
-ConfigPath = Annotated[Path, AfterValidator(_resolve)]
+def _credential(value: Any) -> Any:
+    """``$CREDENTIALS_DIRECTORY/NAME``: a file systemd passed with ``LoadCredential=`` (the directory is
+    private to the service and exists only while it runs, so the unit cannot name it in advance).
+
+    Without the variable (an admin's ``slurmproxy audit --config ...`` outside the service) the path
+    stays as written: commands that do not read the file work, and ``serve``/``check-config`` refuse
+    it with :func:`unresolved_credentials`."""
+    if not isinstance(value, str) or not _names_credential(value):
+        return value
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return value
+    return str(Path(directory) / value.split("/", 1)[1])
+
+
+def unresolved_credentials(model: BaseModel, prefix: str = "") -> list[str]:
+    """The settings (``section.key``) that name ``$CREDENTIALS_DIRECTORY`` while it is not set."""
+    found: list[str] = []
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        key = f"{prefix}{field.alias or name}"
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
+        for item in values:
+            if isinstance(item, BaseModel):
+                found += unresolved_credentials(item, f"{key}.")
+            elif isinstance(item, Path) and _names_credential(item):
+                found.append(key)
+    return found
+
+
+ConfigPath = Annotated[Path, BeforeValidator(_credential), AfterValidator(_resolve)]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSettings(_Section):
+    cert_file: ConfigPath = setting(
+        description="the server certificate (PEM), followed by its intermediate certificates; re-read when it "
+        "changes, without dropping connections ([docs/operations.md](docs/operations.md#tls))",
+        shown="(required)",
+    )
+    key_file: ConfigPath = setting(
+        description="its private key (PEM, unencrypted; e.g. `$CREDENTIALS_DIRECTORY/tls.key`)", shown="(required)"
+    )
+    client_ca_file: ConfigPath | None = setting(
+        None,
+        "if set, callers must present a client certificate signed by one of these CAs (PEM), for a trusted caller "
+        "such as an interLink edge; the bearer token is still required",
+        shown="none",
+    )
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = setting("TLSv1.2", "the oldest TLS version accepted")
+    reload_interval_seconds: float = setting(
+        10.0,
+        "how often the certificate, key and client CA files are checked for changes; `0`: read once",
+        ge=0,
+        le=3600,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (``localhost`` is the name of one; other names are not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_http_refusal(host: str | None, server: ServerSettings) -> str | None:
+    """Why the proxy must not listen on ``host`` (None: a unix socket) as configured, or None. Bearer tokens
+    in clear text on a network are anyone's: plain HTTP only on loopback, a unix socket, or when the admin
+    says so."""
+    if host is None or server.tls is not None or server.allow_plain_http or is_loopback(host):
+        return None
+    return (
+        f"server.host {host!r} is not a loopback address and server.tls is not set: the proxy would take bearer "
+        "tokens in clear text over the network. Configure server.tls (cert_file, key_file), listen on loopback "
+        "or server.unix_socket, or set server.allow_plain_http: true when TLS ends in front of the proxy "
+        "(an ingress, a load balancer on the same host)"
+    )
 
 
 class ServerSettings(_Section):
@@ -104,6 +202,26 @@ class ServerSettings(_Section):
         "with `Retry-After`",
         ge=1,
     )
+    unix_socket: ConfigPath | None = setting(
+        None,
+        "listen on this unix socket instead of `host` and `port` (plain HTTP, for a local TLS terminator)",
+        shown="none",
+    )
+    tls: TlsSettings | None = setting(
+        None, "serve HTTPS with these files (below); without it, plain HTTP only on loopback", shown="none"
+    )
+    allow_plain_http: bool = setting(
+        False,
+        "serve plain HTTP on a non-loopback `host` (TLS ends in front of the proxy: an ingress, a load balancer); "
+        "otherwise such a configuration is refused at start-up",
+    )
+
+    @model_validator(mode="after")
+    def _no_tokens_in_clear_text(self) -> ServerSettings:
+        refusal = plain_http_refusal(None if self.unix_socket is not None else self.host, self)
+        if refusal is not None:
+            raise ValueError(refusal)
+        return self
 
     @model_validator(mode="after")
     def _headers_fit_a_token(self) -> ServerSettings:
@@ -558,6 +676,59 @@ class MetricsSettings(_Section):
         return value
 
 
+class TracingSettings(_Section):
+    endpoint: str | None = setting(
+        None,
+        "OTLP endpoint to export spans to: `http(s)://host:4318/v1/traces` (OTLP/HTTP) or `host:4317` (OTLP/gRPC); "
+        "unset: no tracing, at no cost ([docs/operations.md](docs/operations.md#traces); needs the `tracing` "
+        "extra: `pip install 'slurmproxy[tracing]'`)",
+        shown="none (off)",
+    )
+    protocol: Literal["http/protobuf", "grpc"] = setting("http/protobuf", "`http/protobuf` or `grpc`")
+    insecure: bool = setting(False, "OTLP/gRPC without TLS (a collector on loopback)")
+    ca_file: ConfigPath | None = setting(
+        None, "CA certificates (PEM) the collector's certificate is checked with", shown="system CAs"
+    )
+    headers_file: ConfigPath | None = setting(
+        None,
+        "a file of `Name: value` lines sent with every export (a collector's API key); never logged",
+        shown="—",
+    )
+    service_name: str = setting("slurmproxy", "the `service.name` of the spans' resource")
+    sample_ratio: float = setting(
+        1.0,
+        "share of new traces recorded; a caller's `traceparent` decides for its own trace (parent-based)",
+        ge=0,
+        le=1,
+    )
+    include_identity: bool = setting(
+        False,
+        "add the issuer's subject and the local account to the spans (personal data: off unless your privacy "
+        "notice covers it); tokens are never in spans",
+    )
+    timeout_seconds: float = setting(10.0, "timeout of one export; spans are sent in the background", gt=0, le=60)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _endpoint_fits_protocol(self) -> TracingSettings:
+        if self.endpoint is None:
+            return self
+        is_url = self.endpoint.startswith(("http://", "https://"))
+        if self.protocol == "http/protobuf" and not is_url:
+            raise ValueError(f"endpoint must be an http(s) URL for protocol http/protobuf, got {self.endpoint!r}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.endpoint is not None
+
+
 class ShieldCacheRule(_Section):
     path: str = setting(description="a path pattern, as in policy files (e.g. `/slurm/{version}/jobs`)")
     ttl_seconds: float = setting(description="how long an answer may be served again", gt=0, le=60)
@@ -621,6 +792,7 @@ class Settings(BaseSettings):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     shield: ShieldSettings = Field(default_factory=ShieldSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 

@@ -32,6 +32,7 @@ from slurmproxy.errors import DependencyError
 from slurmproxy.observability.logs import configure_logging
 from slurmproxy.pipeline.proxy import ProxyEndpoint
 from slurmproxy.pipeline.runtime import Runtime, open_runtime
+from slurmproxy.pipeline.traced import TracedEndpoint, instrument
 from slurmproxy.pipeline.whoami import WhoamiEndpoint, policy_details
 from slurmproxy.tokens.provider import ProviderClient
 from slurmproxy.web.deadlines import BodyDeadline
@@ -132,6 +133,8 @@ def create_app(settings: Settings | None = None) -> SlurmProxyApp:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with open_runtime(final_settings) as runtime:
+            if runtime.tracing is not None:
+                instrument(runtime, runtime.tracing)
             # Load keys in the background: readiness reports them; a provider outage must not block start-up.
             warm = asyncio.create_task(_warm(runtime))
             try:
@@ -140,7 +143,10 @@ def create_app(settings: Settings | None = None) -> SlurmProxyApp:
                 warm.cancel()
                 await asyncio.gather(warm, return_exceptions=True)
 
-    proxy = BodyDeadline(ProxyEndpoint())
+    endpoint: ASGIApp = ProxyEndpoint()
+    if final_settings.tracing.enabled:  # off: not even the check of whether it is on, per request
+        endpoint = TracedEndpoint(endpoint)
+    proxy = BodyDeadline(endpoint)
     routes = [
         Route(f"{PREFIX}/live", live, methods=["GET"]),
         Route(f"{PREFIX}/ready", ready, methods=["GET"]),

@@ -3,6 +3,7 @@ stage (tokens, policy, identity, upstream, audit), the metrics, and the policy r
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from slurmproxy.audit.log import AuditLog, AuditTrail
 from slurmproxy.config.settings import Settings
 from slurmproxy.identity import IdentityMapper, check_policy_backends, open_identity
 from slurmproxy.observability.metrics import Metrics
+from slurmproxy.observability.tracing import Tracing, open_tracing
 from slurmproxy.policy import Authorizer, Policy, load_policy
 from slurmproxy.policy.reload import PolicyReloader, reloading
 from slurmproxy.tokens import TokenValidator, build_validator
@@ -30,6 +32,7 @@ class Runtime:
     trail: AuditTrail
     metrics: Metrics
     policy_reloader: PolicyReloader | None = None  # swaps the authorizer's policy on SIGHUP and file changes
+    tracing: Tracing | None = None  # None: tracing is off (tracing.endpoint unset), and costs nothing
 
     @property
     def policy(self) -> Policy:
@@ -65,7 +68,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         transport=metrics.transport("provider"),
     )
     tokens: TokenValidator | None = None
+    tracing: Tracing | None = None
     try:
+        tracing = open_tracing(settings.tracing)
         tokens = build_validator(settings, provider_http, metrics)
         upstream.start()
         async with open_identity(settings.identity, metrics) as mapper:
@@ -78,6 +83,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 upstream=upstream,
                 trail=AuditTrail(log, metrics),
                 metrics=metrics,
+                tracing=tracing,
             )
             runtime.policy_reloader = PolicyReloader(
                 settings.policy.paths,
@@ -94,3 +100,5 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         await upstream.aclose()
         await provider_http.aclose()
         log.close()
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)  # the last spans, within the exporter's timeout

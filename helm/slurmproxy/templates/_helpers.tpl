@@ -75,6 +75,10 @@ no such setting yet: the file is mounted and docs/operations.md says where).
 {{- $cfg := deepCopy (.Values.config | default dict) }}
 {{- $server := deepCopy (get $cfg "server" | default dict) }}
 {{- $_ := set $server "host" "0.0.0.0" }}
+{{- /* In a pod, TLS usually ends at the ingress: plain HTTP on the pod network, said explicitly. */}}
+{{- if not (hasKey $server "tls") }}
+{{- $_ := set $server "allow_plain_http" true }}
+{{- end }}
 {{- $_ := set $server "port" (int .Values.containerPort) }}
 {{- $_ := set $cfg "server" $server }}
 {{- $_ := set $cfg "policy" (dict "paths" (list "/etc/slurmproxy/policies")) }}
