@@ -128,20 +128,25 @@ class Postgres:
             probe=self._ping,
         )
         self._schema_ready = False
+        self._opened = False
 
     async def _ping(self) -> None:
         async with self.connection() as conn:
             await conn.execute("SELECT 1")
 
     async def open(self) -> None:
-        await self.pool.open(wait=False)
+        if not self._opened:
+            self._opened = True
+            await self.pool.open(wait=False)
 
     async def close(self) -> None:
         await self.guard.aclose()
-        await self.pool.close(timeout=2.0)
+        if self._opened:
+            await self.pool.close(timeout=2.0)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
+        await self.open()
         async with self.pool.connection() as conn:
             if not self._schema_ready:
                 await ensure_schema(conn)

@@ -44,7 +44,7 @@ def connect(settings: RedisSettings) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.url, max_connections=settings.max_connections, timeout=settings.timeout_seconds, **options
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
 def classify(exc: BaseException) -> str | None:
