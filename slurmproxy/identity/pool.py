@@ -354,6 +354,24 @@ class LeaseStore:
         return found
 
 
+def read_leases(path: Path) -> list[Lease]:
+    """Every lease in a SQLite lease file, opened read-only (schema 1 or 2), for copying elsewhere."""
+    if not path.is_file():
+        raise PoolUnavailable(f"no lease database at {path}")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise PoolUnavailable(f"{path} has schema {version}; this version knows {SCHEMA_VERSION}")
+        columns = COLUMNS if version >= 2 else COLUMNS.replace(", rule", ", NULL")
+        rows = conn.execute(f"SELECT {columns} FROM leases ORDER BY pool, account").fetchall()  # noqa: S608
+    except sqlite3.Error as exc:
+        raise PoolUnavailable(f"cannot read the lease database {path} ({type(exc).__name__}: {exc})") from exc
+    finally:
+        conn.close()
+    return [Lease(*row) for row in rows]
+
+
 @contextmanager
 def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("BEGIN IMMEDIATE")

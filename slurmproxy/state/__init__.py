@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("slurmproxy.state")
 
-__all__ = ["SharedState", "check_state_config", "open_postgres", "open_state"]
+__all__ = ["SharedState", "check_state_config", "open_mapping_state", "open_postgres", "open_state"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,20 @@ async def open_postgres(settings: Settings, metrics: Metrics | None = None) -> A
         yield db
     finally:
         await db.close()
+
+
+@asynccontextmanager
+async def open_mapping_state(settings: Settings) -> AsyncIterator[SharedState]:
+    """For the admin commands that map identities: the shared leases and last-known answers, without Redis."""
+    state, identity = settings.state, settings.identity
+    if state.backend != "shared" or state.postgres is None:
+        yield SharedState()
+        return
+    namer = Namer(read_hash_key(state.hash_key_file))
+    async with open_postgres(settings) as db:
+        leases = SharedLeases(db, pool_accounts(identity), limits=pool_limits(identity)) if identity.pools else None
+        remembering = {n: float(a.last_known_max_age_seconds) for n, a in identity.alise.items()}
+        yield SharedState(leases=leases, last_known=SharedLastKnown(db, namer, remembering) if remembering else None)
 
 
 @asynccontextmanager
