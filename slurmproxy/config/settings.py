@@ -721,8 +721,8 @@ class StateSettings(_Section):
     )
     retry_seconds: float = setting(
         1.0,
-        "after a failure, a backend is not asked again for this long (requests get the outage behaviour at once); "
-        "then the next request tries it",
+        "after a failure, requests no longer ask the backend (they get the outage behaviour at once); a background "
+        "probe asks it this often, and it is used again as soon as it answers",
         gt=0,
         le=60,
     )
