@@ -144,7 +144,9 @@ class Guard:
             "unreachable": "is unreachable",
             "error": "failed",
         }.get(kind, "failed")
-        return f"{self.backend} {what}{' (moments ago)' if recent else ''}"
+        if recent:  # not asked: the last call failed, and the probe has not seen it answer since
+            return f"{self.backend} is down (it {what.replace('is unreachable', 'was unreachable')})"
+        return f"{self.backend} {what}"
 
     def _count(self, use: str, kind: str) -> None:
         if self._metrics is not None:
