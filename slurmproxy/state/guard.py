@@ -50,8 +50,10 @@ class Guard:
         classify: Classifier,
         metrics: Metrics | None = None,
         probe: Callable[[], Awaitable[object]] | None = None,
+        detach: bool = False,
     ) -> None:
         self.backend = backend
+        self.detach = detach  # run each call in its own task (for clients whose cancellation itself may wait)
         self.timeout = timeout
         self.retry_seconds = retry_seconds
         self.probe = probe  # without one, the first call after retry_seconds tries the backend again
@@ -82,6 +84,17 @@ class Guard:
         return result
 
     async def _bounded(self, operation: Callable[[], Awaitable[T]]) -> T:
+        if not self.detach:  # redis-py drops a connection whose command was cancelled, at once
+            try:
+                async with asyncio.timeout(self.timeout):
+                    return await operation()
+            except TimeoutError as exc:
+                raise BackendDown(self.backend, "timeout", self._describe("timeout")) from exc
+            except Exception as exc:
+                kind = self._classify(exc)
+                if kind is None:
+                    raise
+                raise BackendDown(self.backend, kind, self._describe(kind)) from exc
         # The operation runs in its own task, and the caller stops waiting for it at the deadline: a client's
         # own clean-up after a cancellation (psycopg asks the server to cancel the query, up to 10 s more)
         # then happens in the background instead of in the request.

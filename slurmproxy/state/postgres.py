@@ -1,9 +1,9 @@
 """The PostgreSQL connection pool (psycopg 3, psycopg-pool) and the tables the proxy keeps there.
 
 The password comes from ``state.postgres.password_file``, TLS from ``sslmode`` and the certificate
-files; every connection has a ``statement_timeout`` of the operation timeout, and each connection
-is checked when taken from the pool, so connections a server restart broke are replaced instead of
-failing a request. The pool opens in the background: a proxy starts while PostgreSQL is down and
+files; every connection has a ``statement_timeout`` of the operation timeout, and an operation that
+meets a connection a server restart broke is tried again on another one, so a restart does not
+fail requests. The pool opens in the background: a proxy starts while PostgreSQL is down and
 uses it once it answers.
 
 The tables are created when first needed (``CREATE TABLE IF NOT EXISTS`` under an advisory lock, so
@@ -113,7 +113,6 @@ class Postgres:
             max_size=pg.pool_size,
             open=False,
             timeout=pg.timeout_seconds,
-            check=AsyncConnectionPool.check_connection,
             name="slurmproxy-state",
             # A connection attempt that keeps failing gives up after this (psycopg-pool would otherwise back
             # off for minutes); the next request that needs a connection starts a fresh attempt at once.
@@ -126,6 +125,7 @@ class Postgres:
             classify=classify,
             metrics=metrics,
             probe=self._ping,
+            detach=True,
         )
         self._schema_ready = False
         self._opened = False
@@ -157,6 +157,17 @@ class Postgres:
         """``operation(conn)`` on a pooled connection, bounded and guarded (BackendDown on failure)."""
 
         async def on_a_connection() -> T:
+            # A connection a server restart broke fails at once, and the pool drops it when it comes back:
+            # try the next one (a pooled connection is not checked before each use: that would cost every
+            # operation a round trip). A server that is really gone fails on a new connection, in time.
+            for _ in range(self.settings.pool_size):
+                async with self.connection() as conn:
+                    try:
+                        return await operation(conn)
+                    except psycopg.OperationalError:
+                        if not conn.broken:
+                            raise
+                        logger.info("PostgreSQL: a pooled connection was broken (a restart?); trying another")
             async with self.connection() as conn:
                 return await operation(conn)
 

@@ -1,8 +1,9 @@
 """The Redis connection: redis-py's asyncio client, its password from a file, TLS as configured, no retries.
 
 redis-py retries a failed command three times with backoff by default (even an authentication
-failure), which would hide an outage inside a request for seconds. Here a failure is final and the
-:class:`~slurmproxy.state.guard.Guard` decides what it means. The pool blocks (up to the timeout)
+failure), which would hide an outage inside a request for seconds. Here a command is retried once,
+at once, and only when its connection broke (a restarted Redis closed it); a timeout is final, and
+the :class:`~slurmproxy.state.guard.Guard` decides what a failure means. The pool blocks (up to the timeout)
 when every connection is busy, instead of failing at once.
 """
 
@@ -30,7 +31,8 @@ def connect(settings: RedisSettings) -> aioredis.Redis:
         "password": read_password(settings.password_file, "state.redis.password_file"),
         "socket_timeout": settings.timeout_seconds,
         "socket_connect_timeout": settings.connect_timeout_seconds,
-        "retry": Retry(NoBackoff(), 0),
+        # One retry, on a broken connection only (a Redis restart closed it): never on a timeout.
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         "client_name": "slurmproxy",
     }
     if settings.url.startswith("rediss://"):

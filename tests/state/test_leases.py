@@ -228,3 +228,15 @@ async def test_postgres_down_is_503_pool_unavailable_in_bounded_time_and_recover
             assert (found.account, found.new) == (alice.account, False)  # durable: nothing lost
     finally:
         await db.close()
+
+
+async def test_a_postgres_restart_between_requests_fails_none(clean_postgres: PostgresServer) -> None:
+    db = Postgres(state_settings(postgres=clean_postgres, pg={"pool_size": 3}))
+    store = SharedLeases(db, {"vo": ("p1", "p2")})
+    try:
+        holders = await asyncio.gather(*(store.lease("vo", ISS, s) for s in ("alice", "bob")))  # two pooled connections
+        clean_postgres.restart()  # every pooled connection is now broken
+        again = await asyncio.gather(*(store.lease("vo", ISS, s) for s in ("alice", "bob")))
+        assert [lease.account for lease in again] == [lease.account for lease in holders]
+    finally:
+        await db.close()
