@@ -210,3 +210,21 @@ async def eventually(attempt: Callable[[], Any], within: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
+
+
+async def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    with RedisServer(tmp_path, tls_client_auth=True) as server:
+        assert server.ca_cert is not None and server.client_cert is not None
+        pair = server.client_cert
+        tls = {"ca_file": str(server.ca_cert), "cert_file": str(pair.cert), "key_file": str(pair.key)}
+        client = connect(state_settings(server, redis=tls).redis)  # type: ignore[arg-type]
+        try:
+            assert await client.ping()
+        finally:
+            await client.aclose()
+        without = connect(state_settings(server, redis={"ca_file": str(server.ca_cert)}).redis)  # type: ignore[arg-type]
+        try:
+            with pytest.raises(Exception, match="CERTIFICATE_REQUIRED|certificate required|Connection"):
+                await without.ping()
+        finally:
+            await without.aclose()
