@@ -93,7 +93,9 @@ async def open_mapping_state(settings: Settings) -> AsyncIterator[SharedState]:
     namer = Namer(read_hash_key(state.hash_key_file))
     async with open_postgres(settings) as db:
         leases = SharedLeases(db, pool_accounts(identity), limits=pool_limits(identity)) if identity.pools else None
-        remembering = {n: float(a.last_known_max_age_seconds) for n, a in identity.alise.items()}
+        remembering = {
+            n: float(a.last_known_max_age_seconds) for n, a in identity.alise.items() if a.outage == "last_known"
+        }
         yield SharedState(leases=leases, last_known=SharedLastKnown(db, namer, remembering) if remembering else None)
 
 

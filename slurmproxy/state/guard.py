@@ -144,6 +144,9 @@ class Guard:
                 await self._bounded(probe)
             except BackendDown:
                 continue
+            except Exception:  # not the backend's kind of failure: keep probing, never stay down for good
+                logger.exception("%s: the probe failed unexpectedly", self.backend)
+                continue
             self._up()
 
     async def aclose(self) -> None:
