@@ -18,7 +18,7 @@ the tests catch them the same way::
     ├── RequestTimeoutError (408)         the client was too slow sending headers or body
     ├── PayloadTooLargeError (413)
     ├── UnsupportedMediaTypeError (415)
-    ├── RateLimitedError (429)
+    ├── RateLimitedError (429)            a rule's rate limit, or a pool's admission rate for new leases
     ├── HeadersTooLargeError (431)
     ├── UpstreamError (502)               slurmrestd unreachable, broken, or it refused the proxy's credential
     │   ├── UpstreamConnectError          the connection could not be made
@@ -26,8 +26,9 @@ the tests catch them the same way::
     │   └── UpstreamAuthFailed            Slurm rejected the proxy's own credential
     ├── DependencyError (503)             a provider, ALISE, the lease database or the audit log failed
     │   ├── AliseOutage
-    │   ├── PoolExhausted, PoolUnavailable
-    │   └── AuditWriteError
+    │   ├── PoolExhausted, PoolUnavailable, PoolCapReached
+    │   ├── AuditWriteError
+    │   └── StateUnavailable              the shared state (Redis, PostgreSQL) failed and the admin chose to refuse
     ├── UpstreamTimeoutError (504)
     │   ├── UpstreamReadTimeout
     │   └── UpstreamBusy                  every pooled connection to slurmrestd is in use
@@ -216,8 +217,20 @@ class PoolUnavailable(DependencyError):
     default_reason = "pool_unavailable"
 
 
+class PoolCapReached(DependencyError):
+    """The rule that admitted the caller already holds as many leases of the pool as its step allows."""
+
+    default_reason = "pool_rule_cap"
+
+
 class AuditWriteError(DependencyError):
     default_reason = "audit_unavailable"
+
+
+class StateUnavailable(DependencyError):
+    """Redis or PostgreSQL did not answer (in time); the backend that was asked is named in ``detail``."""
+
+    default_reason = "state_unavailable"
 
 
 class UpstreamTimeoutError(ProxyError):

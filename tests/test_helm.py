@@ -20,6 +20,8 @@ CHART = Path(__file__).resolve().parent.parent / "helm" / "slurmproxy"
 FULL = yaml.safe_load((CHART / "ci" / "full-values.yaml").read_text())
 KUBERNETES = ["1.25", kubernetes_validate.latest_version()]  # the chart's kubeVersion floor, and the newest
 Manifest = dict[str, Any]
+DEFAULT_CONFIG = yaml.safe_load((CHART / "values.yaml").read_text())["config"]
+SHARED = {**DEFAULT_CONFIG, "state": {"backend": "shared", "redis": {"url": "redis://redis:6379/0"}}}
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +62,9 @@ def test_every_manifest_is_valid_kubernetes(chart: helm.Chart, values: dict[str,
     docs = render(chart, values)
     for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)
-    expected = {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "hpc-slurmproxy-config"}
-    expected |= {"hpc-slurmproxy-policies"}
-    if values:
-        expected |= {"HorizontalPodAutoscaler", "NetworkPolicy", "hpc-slurmproxy-dashboard"}
+    expected = {"Deployment", "Service", "ServiceAccount", "hpc-slurmproxy-config", "hpc-slurmproxy-policies"}
+    if values:  # several pods (the autoscaler, with the shared state): a disruption budget too
+        expected |= {"HorizontalPodAutoscaler", "NetworkPolicy", "PodDisruptionBudget", "hpc-slurmproxy-dashboard"}
         expected |= {"hpc-slurmproxy-alert-rules"}
     assert set(kinds(docs)) == expected
 
@@ -107,6 +108,9 @@ def test_secrets_are_mounted_files_never_values(chart: helm.Chart) -> None:
         "slurmproxy-oidc-client",
         "slurmproxy-alise",
         "slurmproxy-audit-key",
+        "slurmproxy-redis",
+        "slurmproxy-postgres",
+        "slurmproxy-state-key",
     }
     assert all(v["defaultMode"] == 0o440 for v in secret_volumes.values())
     assert not [d for d in docs if d["kind"] == "Secret"]
@@ -114,6 +118,12 @@ def test_secrets_are_mounted_files_never_values(chart: helm.Chart) -> None:
     assert config["upstream"]["jwt_key_file"] == "/etc/slurmproxy/secrets/slurm-jwt-key/jwt_hs256.key"
     assert config["audit"]["pseudonym_key_file"] == "/etc/slurmproxy/secrets/audit-pseudonym-key/key"
     assert config["audit"]["file"] == "/var/log/slurmproxy/audit.log"
+    assert config["state"]["redis"] == {
+        **FULL["config"]["state"]["redis"],
+        "password_file": "/etc/slurmproxy/secrets/redis-password/password",
+    }
+    assert config["state"]["postgres"]["password_file"] == "/etc/slurmproxy/secrets/postgres-password/password"
+    assert config["state"]["hash_key_file"] == "/etc/slurmproxy/secrets/state-hash-key/key"
     assert config["server"] == {
         **FULL["config"]["server"],
         "host": "0.0.0.0",
@@ -136,12 +146,19 @@ def test_the_rendered_config_and_policies_pass_the_proxys_own_check(
         (policies / name).write_text(text)
     (tmp_path / "jwt.key").write_bytes(b"k" * 32)
     (tmp_path / "pseudonym.key").write_bytes(b"p" * 32)
+    (tmp_path / "state.key").write_bytes(b"s" * 32)
+    (tmp_path / "redis.pw").write_text("redis-password\n")
+    (tmp_path / "pg.pw").write_text("pg-password\n")
+    monkeypatch.setenv("SLURMPROXY_STATE__HASH_KEY_FILE", str(tmp_path / "state.key"))
+    monkeypatch.setenv("SLURMPROXY_STATE__REDIS__PASSWORD_FILE", str(tmp_path / "redis.pw"))
+    monkeypatch.setenv("SLURMPROXY_STATE__POSTGRES__PASSWORD_FILE", str(tmp_path / "pg.pw"))
     # The secrets' mount paths do not exist here: point the same settings at stand-ins.
     monkeypatch.setenv("SLURMPROXY_UPSTREAM__JWT_KEY_FILE", str(tmp_path / "jwt.key"))
     monkeypatch.setenv("SLURMPROXY_AUDIT__PSEUDONYM_KEY_FILE", str(tmp_path / "pseudonym.key"))
     monkeypatch.setenv("SLURMPROXY_POLICY__PATHS", json.dumps([str(policies)]))
     settings = validate_proxy_config(config)
     assert settings.server.workers == 2 and settings.audit.sink == "file"
+    assert settings.state.backend == "shared" and settings.state.redis is not None
     assert [str(n) for n in settings.server.trusted_proxies] == ["10.0.0.0/8"]
 
 
@@ -192,6 +209,15 @@ def test_network_policy_allows_dns_and_the_configured_peers(chart: helm.Chart) -
     assert policy["egress"][1:] == FULL["networkPolicy"]["egress"]
 
 
+def test_several_replicas_with_the_shared_state(chart: helm.Chart) -> None:
+    docs = kinds(render(chart, {"replicaCount": 3, "config": SHARED, "secrets": {"redisPassword": {"name": "r"}}}))
+    assert docs["Deployment"]["spec"]["replicas"] == 3
+    assert docs["PodDisruptionBudget"]["spec"]["minAvailable"] == 1
+    config = yaml.safe_load(docs["hpc-slurmproxy-config"]["data"]["config.yaml"])
+    assert config["state"]["redis"]["password_file"] == "/etc/slurmproxy/secrets/redis-password/password"
+    assert "hash_key_file" not in config["state"]  # only the Secrets named are mounted and pointed at
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -205,7 +231,24 @@ def test_network_policy_allows_dns_and_the_configured_peers(chart: helm.Chart) -
         pytest.param({"config": {"upstream": {"url": "", "auth": "mint"}}}, "upstream", id="no-upstream"),
         pytest.param({"config": {"policy": {"paths": ["/x"]}}}, "/config/policy", id="policy-paths-are-the-charts"),
         pytest.param({"terminationGracePeriodSeconds": 20}, "terminationGracePeriodSeconds (20)", id="grace"),
-        pytest.param({"replicaCount": 1}, "podDisruptionBudget.minAvailable (1)", id="pdb-blocks-drains"),
+        pytest.param(
+            {"replicaCount": 2, "podDisruptionBudget": {"minAvailable": 2}, "config": SHARED},
+            "podDisruptionBudget.minAvailable (2)",
+            id="pdb-blocks-drains",
+        ),
+        pytest.param(
+            {"replicaCount": 2}, "replicaCount 2 with config.state.backend embedded: every pod", id="replicas-embedded"
+        ),
+        pytest.param(
+            {"autoscaling": {"enabled": True}},
+            "autoscaling.enabled with config.state.backend embedded",
+            id="autoscaler-embedded",
+        ),
+        pytest.param(
+            {"replicaCount": 3, "config": {**SHARED, "state": {"backend": "shared"}}},
+            "set config.state.redis.url",
+            id="shared-without-redis",
+        ),
         pytest.param(
             {"policies": {"files": {"../x.yaml": "rules: []"}}}, "invalid propertyName", id="policy-file-name"
         ),

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from slurmproxy.commands import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, add_config_argument
+from slurmproxy.commands.mapping import open_mapper
 from slurmproxy.config.settings import IdentitySettings, IssuerSettings, Settings, load_settings
 from slurmproxy.core.principal import Principal
 from slurmproxy.errors import ConfigError, PolicyError, ProxyError
@@ -196,8 +197,10 @@ async def _explain(
     settings: Settings | None, policy: Policy, principal: Principal, method: str, path: str, body: bytes | None
 ) -> Explanation:
     """With a configuration, the mapping backends it configures (ALISE is asked live; pools lease nothing)."""
-    identity = settings.identity if settings is not None else IdentitySettings()
-    async with open_identity(identity) as mapper:
+    if settings is None:
+        async with open_identity(IdentitySettings()) as mapper:
+            return await explain(policy, principal, method, path, body, mapper)
+    async with open_mapper(settings) as mapper:
         return await explain(policy, principal, method, path, body, mapper)
 
 

@@ -19,6 +19,7 @@ from slurmproxy.config.settings import Settings, load_settings, plain_http_refus
 from slurmproxy.errors import ConfigError
 from slurmproxy.identity import check_identity_config
 from slurmproxy.pipeline.runtime import load_runtime_policy
+from slurmproxy.state import check_state_config
 from slurmproxy.tokens.claims import read_client_secrets
 from slurmproxy.upstream.credentials import credentials_from
 
@@ -35,6 +36,7 @@ def validate(config: Path | None) -> Settings:
     load_runtime_policy(settings)
     credentials_from(settings.upstream)
     check_identity_config(settings.identity)
+    check_state_config(settings)
     read_client_secrets(settings.oidc)
     if settings.audit.pseudonym_key_file is not None:
         read_pseudonym_key(settings.audit.pseudonym_key_file)

@@ -42,6 +42,7 @@ from slurmproxy.errors import ConfigError
 ClaimSource = Literal["token", "userinfo", "introspection"]
 MIN_API_VERSIONS_REFRESH_SECONDS = 10
 MAX_POOL_ACCOUNTS = 100_000
+MIN_LEASE_IDLE_EXPIRY_SECONDS = 600
 MiB = 1024 * 1024
 
 # Asymmetric JWS algorithms only (RFC 7518 §3.1). "none" and the HMAC family can never be allowed for
@@ -568,6 +569,23 @@ class PoolSettings(_Section):
         min_length=1,
     )
 
+    idle_expiry_seconds: int | None = setting(
+        None,
+        "a lease unused for this long may be given to a newcomer when the pool has no free account left (its "
+        "holder keeps it until then); at least 600. Default: leases never expire "
+        "([docs/identity.md](docs/identity.md#pool-accounts))",
+        shown="none",
+        ge=MIN_LEASE_IDLE_EXPIRY_SECONDS,
+    )
+    max_new_leases: int | None = setting(
+        None,
+        "admission rate: at most this many new leases per `new_lease_period_seconds` across the deployment; a "
+        "newcomer beyond it gets 429 `pool_admission_limited` with `Retry-After`. Default: no limit",
+        shown="none",
+        ge=1,
+    )
+    new_lease_period_seconds: int = setting(3600, "the window of `max_new_leases` (sliding)", ge=1, le=30 * 86400)
+
     @field_validator("accounts")
     @classmethod
     def _expand(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -591,14 +609,13 @@ class IdentitySettings(_Section):
     )
     pool_database: ConfigPath | None = setting(
         None,
-        "SQLite file (WAL) of the leases, shared by the workers, kept across restarts",
+        "SQLite file (WAL) of the leases, shared by the workers, kept across restarts (with `state.backend: "
+        "shared` the leases are in PostgreSQL instead)",
         shown="none (required with pools)",
     )
 
     @model_validator(mode="after")
     def _pools_consistent(self) -> IdentitySettings:
-        if self.pools and self.pool_database is None:
-            raise ValueError("pools need pool_database (a SQLite file all workers share)")
         owner: dict[str, str] = {}
         for name, pool in self.pools.items():
             if not is_user_name(name):
@@ -769,6 +786,131 @@ class ShieldSettings(_Section):
     max_entries: int = setting(4096, "per worker: cached answers kept", ge=1)
 
 
+class RedisSettings(_Section):
+    """Redis (or a server that speaks its protocol, such as Valkey): rate limits and the shield's cache."""
+
+    url: str = setting(
+        description="`redis://host:6379/0`, `rediss://…` for TLS, or `unix:///path/redis.sock`; no password in it",
+        shown="(required with `backend: shared`)",
+    )
+    username: str | None = setting(None, "an ACL user name (Redis 6+); default: the `default` user", shown="—")
+    password_file: ConfigPath | None = setting(None, "the file holding the password (one line)", shown="—")
+    ca_file: ConfigPath | None = setting(None, "CA bundle that verifies the server (`rediss://`)", shown="system CAs")
+    cert_file: ConfigPath | None = setting(None, "client certificate, when Redis requires one", shown="—")
+    key_file: ConfigPath | None = setting(None, "the client certificate's key", shown="—")
+    timeout_seconds: float = setting(
+        0.5,
+        "longest one rate-limit check or cache read or write may take, waiting for a connection included",
+        gt=0,
+        le=30,
+    )
+    connect_timeout_seconds: float = setting(1.0, "connect timeout (TCP and TLS)", gt=0, le=30)
+    max_connections: int = setting(32, "per worker: pooled connections", ge=1, le=1024)
+    key_prefix: str = setting(
+        "slurmproxy:",
+        "prefix of every key, so that deployments can share one Redis",
+        pattern=r"^[A-Za-z0-9:._-]{1,64}$",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _no_secret_in_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"url must start with redis://, rediss:// or unix://, got {value.split('@')[-1]!r}")
+        if "@" in value.split("//", 1)[1].split("/", 1)[0]:
+            raise ValueError("url must not hold a user or password: use username and password_file")
+        if "password=" in value:
+            raise ValueError("url must not hold a password: use password_file")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> RedisSettings:
+        if (self.ca_file or self.cert_file or self.key_file) and not self.url.startswith("rediss://"):
+            raise ValueError("ca_file, cert_file and key_file need a rediss:// url")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class PostgresSettings(_Section):
+    """PostgreSQL: pool leases and ALISE's last-known answers (durable, transactional)."""
+
+    dsn: str = setting(
+        description="a libpq connection string or URL without the password, e.g. "
+        "`postgresql://slurmproxy@db.example.org:5432/slurmproxy`",
+        shown="(required with pools or `outage: last_known` and `backend: shared`)",
+    )
+    password_file: ConfigPath | None = setting(None, "the file holding the role's password (one line)", shown="—")
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = setting(
+        None, "libpq's `sslmode`; with `ca_file` set, `verify-full` unless given", shown="the DSN's, or `prefer`"
+    )
+    ca_file: ConfigPath | None = setting(None, "CA bundle that verifies the server (`sslrootcert`)", shown="—")
+    cert_file: ConfigPath | None = setting(None, "client certificate (`sslcert`)", shown="—")
+    key_file: ConfigPath | None = setting(None, "the client certificate's key (`sslkey`)", shown="—")
+    pool_size: int = setting(4, "per worker: pooled connections", ge=1, le=256)
+    timeout_seconds: float = setting(
+        2.0, "longest one lease or last-known operation may take, waiting for a connection included", gt=0, le=60
+    )
+    connect_timeout_seconds: int = setting(2, "connect timeout (libpq counts whole seconds, at least 2)", ge=2, le=60)
+
+    @field_validator("dsn")
+    @classmethod
+    def _no_secret_in_dsn(cls, value: str) -> str:
+        if re.search(r"(^|\s|[?&])password\s*=", value) or re.match(r"^postgres(ql)?://[^/@]*:[^/@]*@", value):
+            raise ValueError("dsn must not hold a password: use password_file")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> PostgresSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class StateSettings(_Section):
+    """Where the state policies rely on lives: in each process (embedded) or shared by every replica."""
+
+    backend: Literal["embedded", "shared"] = setting(
+        "embedded",
+        "`embedded`: rate limits and the shield's cache in each worker, pool leases in `identity.pool_database`, "
+        "ALISE's last-known answers in each worker (one machine); `shared`: in Redis and PostgreSQL, the same for "
+        "every replica ([docs/operations.md](docs/operations.md#scaling-out))",
+    )
+    redis: RedisSettings | None = setting(None, "Redis (rate limits, the shield's cache)", shown="none")
+    postgres: PostgresSettings | None = setting(
+        None, "PostgreSQL (pool leases, ALISE's last-known answers)", shown="none"
+    )
+    rate_limit_outage: Literal["fail_closed", "local"] = setting(
+        "fail_closed",
+        "when Redis fails: refuse requests under rate-limited rules (503 `rate_limit_unavailable`), or (`local`) "
+        "count them in each worker until Redis is back (N workers then allow N times the limit)",
+    )
+    shield_outage: Literal["local", "fail_closed"] = setting(
+        "local",
+        "when Redis fails: cached paths use each worker's own cache, or (`fail_closed`) get 503 "
+        "`shield_cache_unavailable`",
+    )
+    retry_seconds: float = setting(
+        1.0,
+        "after a failure, requests no longer ask the backend (they get the outage behaviour at once); a background "
+        "probe asks it this often, and it is used again as soon as it answers",
+        gt=0,
+        le=60,
+    )
+    hash_key_file: ConfigPath | None = setting(
+        None,
+        "a key for the HMAC-SHA256 that turns identities into Redis keys and last-known rows; without it a plain "
+        "SHA-256 (set it when subjects are guessable)",
+        shown="—",
+    )
+
+    @model_validator(mode="after")
+    def _shared_needs_redis(self) -> StateSettings:
+        if self.backend == "shared" and self.redis is None:
+            raise ValueError("backend 'shared' needs redis (url, password_file, …)")
+        return self
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = setting("INFO", "application log level (stderr)")
     json_format: bool = Field(False, description="application logs as JSON lines", alias="json")
@@ -794,6 +936,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     shield: ShieldSettings = Field(default_factory=ShieldSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")
@@ -801,6 +944,18 @@ class Settings(BaseSettings):
         user = self.upstream.discovery_user
         if user in {"root", self.identity.slurm_user, *self.identity.denied_users}:
             raise ValueError(f"upstream.discovery_user must not be root, the SlurmUser or a denied account: {user!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _state_holds_what_needs_it(self) -> Settings:
+        identity, shared = self.identity, self.state.backend == "shared"
+        if identity.pools and not shared and identity.pool_database is None:
+            raise ValueError("identity: pools need pool_database (a SQLite file all workers share)")
+        if shared and self.state.postgres is None:
+            if identity.pools:
+                raise ValueError("identity.pools with state.backend 'shared' need state.postgres (the leases)")
+            if any(a.outage == "last_known" for a in identity.alise.values()):
+                raise ValueError("ALISE outage 'last_known' with state.backend 'shared' needs state.postgres")
         return self
 
     @classmethod

@@ -18,9 +18,12 @@ How answers are read:
   replaced by a later step).
 
 Found mappings are reused for ``cache_seconds``, "not linked" for ``miss_cache_seconds``; ALISE's
-own cache headers are ignored. Concurrent lookups of one identity share one request. The API key
-travels only in the query string: URLs are logged and reported without it, and the ``httpx``
-logger's request lines are redacted.
+own cache headers are ignored. The last-known answers live in a :class:`LastKnownStore`: this
+process's memory (embedded), or PostgreSQL shared by every replica (``slurmproxy.state``), so that
+``outage: last_known`` serves the same answer, with its age, wherever the request lands.
+Concurrent lookups of one identity share one request. The API key travels only in the query
+string: URLs are logged and reported without it, and the ``httpx`` logger's request lines are
+redacted.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import quote_plus
 
 import httpx
@@ -96,6 +99,31 @@ class AliseAnswer:
     age_seconds: float = 0.0
 
 
+class LastKnownStore(Protocol):
+    """Where ALISE's last found answer per identity is kept, for ``outage: last_known``."""
+
+    async def remember(self, service: str, issuer: str, subject: str, username: str) -> None:
+        """Keep ``username`` as found now; never raises (a failure to remember only costs availability later)."""
+
+    async def recall(self, service: str, issuer: str, subject: str) -> tuple[str, float] | None:
+        """The last answer and its age in seconds, or None; never raises (a store that cannot answer says None)."""
+
+
+class MemoryLastKnown:
+    """The embedded :class:`LastKnownStore`: this process's memory, at most ``size`` identities (LRU)."""
+
+    def __init__(self, size: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._answers: LRUCache[tuple[str, str, str], tuple[str, float]] = LRUCache(size)
+
+    async def remember(self, service: str, issuer: str, subject: str, username: str) -> None:
+        self._answers[(service, issuer, subject)] = (username, self._clock())
+
+    async def recall(self, service: str, issuer: str, subject: str) -> tuple[str, float] | None:
+        found = self._answers.get((service, issuer, subject))
+        return None if found is None else (found[0], self._clock() - found[1])
+
+
 class AliseClient:
     def __init__(
         self,
@@ -106,6 +134,7 @@ class AliseClient:
         *,
         clock: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
+        last_known: LastKnownStore | None = None,
     ) -> None:
         self._metrics = metrics
         self.name = name
@@ -116,7 +145,7 @@ class AliseClient:
         size = settings.cache_size
         self._hits: TTLCache[Key, str] = TTLCache(size, max(settings.cache_seconds, 0.001), timer=clock)
         self._misses: TTLCache[Key, bool] = TTLCache(size, max(settings.miss_cache_seconds, 0.001), timer=clock)
-        self._last_known: LRUCache[Key, tuple[str, float]] = LRUCache(size)
+        self._last_known = last_known if last_known is not None else MemoryLastKnown(size, clock)
         self._flight: SingleFlight[Key, AliseAnswer] = SingleFlight()
         install_redaction()
 
@@ -163,19 +192,20 @@ class AliseClient:
         try:
             username = await self._ask(*key)
         except AliseOutage as outage:
-            return self._during_outage(key, outage)
+            return await self._during_outage(key, outage)
         if username is None:
             self._misses[key] = True
         else:
             self._hits[key] = username
-            self._last_known[key] = (username, self._clock())
+            if self.settings.outage == "last_known":
+                await self._last_known.remember(self.name, *key, username)
         return AliseAnswer(username, "alise")
 
-    def _during_outage(self, key: Key, outage: AliseOutage) -> AliseAnswer:
+    async def _during_outage(self, key: Key, outage: AliseOutage) -> AliseAnswer:
         logger.warning("ALISE %s failed: %s (%s)", self.name, outage.detail, self.url_for(*key))
-        if self.settings.outage == "last_known" and key in self._last_known:
-            username, when = self._last_known[key]
-            age = self._clock() - when
+        found = await self._last_known.recall(self.name, *key) if self.settings.outage == "last_known" else None
+        if found is not None:
+            username, age = found
             if age <= self.settings.last_known_max_age_seconds:
                 logger.warning("ALISE %s: serving the mapping last seen %.0f s ago for %s", self.name, age, key[1])
                 return AliseAnswer(username, "last_known", round(age, 3))

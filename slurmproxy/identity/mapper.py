@@ -17,7 +17,7 @@ from slurmproxy.core.principal import Principal
 from slurmproxy.errors import IdentityMappingError, ProxyError
 from slurmproxy.identity.alise import AliseClient
 from slurmproxy.identity.guard import AccountGuard, LocalAccount
-from slurmproxy.identity.pool import Pools
+from slurmproxy.identity.pool import LeaseBackend
 from slurmproxy.identity.service import service_account
 from slurmproxy.identity.table import table_lookup
 from slurmproxy.policy.rules import MappingStep, Policy, Rule
@@ -47,7 +47,7 @@ class IdentityMapper:
         guard: AccountGuard,
         *,
         alise: Mapping[str, AliseClient] | None = None,
-        pools: Pools | None = None,
+        pools: LeaseBackend | None = None,
     ) -> None:
         self.guard = guard
         self.alise = dict(alise or {})
@@ -56,7 +56,7 @@ class IdentityMapper:
     async def map(self, policy: Policy, rule: Rule, principal: Principal) -> LocalAccount:
         tried: list[str] = []
         for step in rule.mapping:
-            found = await self._resolve(policy, step, principal, lease=True)
+            found = await self._resolve(policy, rule.id, step, principal, lease=True)
             if found is not None:
                 return await self.guard.check(found.name, str(step), found.detail)
             tried.append(str(step))
@@ -75,7 +75,7 @@ class IdentityMapper:
                 report.note = "not reached"
                 continue
             try:
-                found = await self._resolve(policy, step, principal, lease=False)
+                found = await self._resolve(policy, rule.id, step, principal, lease=False)
             except ProxyError as exc:
                 report.error, decided = f"{exc.reason}: {exc.detail}", True
                 continue
@@ -93,7 +93,7 @@ class IdentityMapper:
         return reports
 
     async def _resolve(
-        self, policy: Policy, step: MappingStep, principal: Principal, *, lease: bool
+        self, policy: Policy, rule_id: str, step: MappingStep, principal: Principal, *, lease: bool
     ) -> Candidate | None:
         issuer, subject = principal.issuer, principal.subject
         if step.kind == "table":
@@ -112,13 +112,16 @@ class IdentityMapper:
             if answer.via == "last_known":
                 detail["age_seconds"] = answer.age_seconds
             return Candidate(answer.username, detail)
-        return await self._pool(step.target, issuer, subject, lease=lease)
+        return await self._pool(step, rule_id, issuer, subject, lease=lease)
 
-    async def _pool(self, pool: str, issuer: str, subject: str, *, lease: bool) -> Candidate | None:
-        if self.pools is None or pool not in self.pools.store.pools:
+    async def _pool(
+        self, step: MappingStep, rule_id: str, issuer: str, subject: str, *, lease: bool
+    ) -> Candidate | None:
+        pool = step.target
+        if self.pools is None or pool not in self.pools.pools:
             raise IdentityMappingError(f"pool {pool!r} is not configured", reason="backend_missing")
         if lease:
-            taken = await self.pools.lease(pool, issuer, subject)
+            taken = await self.pools.lease(pool, issuer, subject, rule=rule_id, cap=step.max_leases)
             return Candidate(taken.account, taken.audit())
         existing = await self.pools.find(pool, issuer, subject)
         if existing is not None:

@@ -46,7 +46,8 @@ def configure_logging(settings: LogSettings) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("slurmproxy", "uvicorn", "uvicorn.error"):
+    # psycopg: the PostgreSQL pool's reconnection warnings (shared state), in the same format as ours.
+    for name in ("slurmproxy", "uvicorn", "uvicorn.error", "psycopg"):
         log = logging.getLogger(name)
         log.handlers[:] = [handler]
         log.setLevel(settings.level)

@@ -6,6 +6,8 @@ report through its small API (documented in docs/operations.md, "Metrics"):
 * ``observe_request(outcome)``: once per request the proxy answered, from its audit record
   (:class:`~slurmproxy.audit.AuditTrail` calls it when it writes the record);
 * ``cache_lookup(cache, hit)``: a lookup in a cache (``token``, ``alise``, ``shield``);
+* ``state_call(backend, seconds)``, ``state_error(backend, use, kind)``, ``state_fallback(use)``: the
+  shared state (``slurmproxy.state``) answered, failed, or a request was decided without it;
 * ``policy_load(ok, rules=...)``: the policy was loaded or reloaded (or failed to);
 * ``audit_write(ok)``: an audit record was written (or could not be);
 * ``transport(dependency)``: an httpx transport that counts and times every HTTP exchange.
@@ -126,6 +128,25 @@ class Metrics:
         self.policy_rules = Gauge(
             "slurmproxy_policy_rules", "Rules in the policy in force", registry=r, multiprocess_mode="mostrecent"
         )
+        self.state_errors = Counter(
+            "slurmproxy_state_errors",
+            "Failed calls to the shared state (Redis, PostgreSQL), by what they were for and how they failed",
+            ["backend", "use", "kind"],
+            registry=r,
+        )
+        self.state_fallbacks = Counter(
+            "slurmproxy_state_fallbacks",
+            "Requests decided with this worker's own state because the shared state failed (the admin's choice)",
+            ["use"],
+            registry=r,
+        )
+        self.state_seconds = Histogram(
+            "slurmproxy_state_duration_seconds",
+            "Calls to the shared state that answered",
+            ["backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         build.labels(__version__).set(1)
 
     # -- the API ---------------------------------------------------------------------------------
@@ -159,6 +180,15 @@ class Metrics:
             self.policy_time.set(time.time())
             if rules is not None:
                 self.policy_rules.set(rules)
+
+    def state_call(self, backend: str, seconds: float) -> None:
+        self._child(self.state_seconds, backend).observe(seconds)
+
+    def state_error(self, backend: str, use: str, kind: str) -> None:
+        self._child(self.state_errors, backend, use, kind).inc()
+
+    def state_fallback(self, use: str) -> None:
+        self._child(self.state_fallbacks, use).inc()
 
     def audit_write(self, ok: bool) -> None:
         (self.audit_records if ok else self.audit_failures).inc()

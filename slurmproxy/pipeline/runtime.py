@@ -1,5 +1,10 @@
 """Everything a running proxy holds, built once at start-up and shared by all requests: one object per
-stage (tokens, policy, identity, upstream, audit), the metrics, and the policy reloader."""
+stage (tokens, policy, identity, upstream, audit), the metrics, and the policy reloader.
+
+The state the stages keep is theirs (embedded) unless ``state.backend: shared``: then
+:func:`slurmproxy.state.open_state` builds the Redis and PostgreSQL implementations of the
+interfaces the stages own, and this module hands them over (rate limits to the policy, leases and
+ALISE's last-known answers to identity, the shared cache tier to the upstream's shield)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from slurmproxy.observability.metrics import Metrics
 from slurmproxy.observability.tracing import Tracing, open_tracing
 from slurmproxy.policy import Authorizer, Policy, load_policy
 from slurmproxy.policy.reload import PolicyReloader, reloading
+from slurmproxy.state import SharedState, open_state
 from slurmproxy.tokens import TokenValidator, build_validator
 from slurmproxy.tokens.provider import ProviderClient
 from slurmproxy.upstream import Upstream
@@ -58,7 +64,15 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     metrics = Metrics()
     policy = load_runtime_policy(settings)
     metrics.policy_load(True, rules=len(policy.rules))
-    upstream = Upstream(settings, metrics)  # reads the Slurm credential: a bad key fails here
+    async with open_state(settings, metrics) as state, _open_stages(settings, metrics, policy, state) as runtime:
+        yield runtime
+
+
+@asynccontextmanager
+async def _open_stages(
+    settings: Settings, metrics: Metrics, policy: Policy, state: SharedState
+) -> AsyncIterator[Runtime]:
+    upstream = Upstream(settings, metrics, shared_cache=state.shield_cache)  # reads the Slurm credential
     log = AuditLog(settings.audit, metrics)
     log.open()
     provider_http = httpx.AsyncClient(
@@ -73,8 +87,12 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         tracing = open_tracing(settings.tracing)
         tokens = build_validator(settings, provider_http, metrics)
         upstream.start()
-        async with open_identity(settings.identity, metrics) as mapper:
-            authorizer = Authorizer(policy, max_body_bytes=settings.server.max_body_bytes)
+        async with open_identity(
+            settings.identity, metrics, leases=state.leases, last_known=state.last_known
+        ) as mapper:
+            authorizer = Authorizer(
+                policy, max_body_bytes=settings.server.max_body_bytes, rate_limits=state.rate_limits
+            )
             runtime = Runtime(
                 settings=settings,
                 tokens=tokens,

@@ -18,7 +18,7 @@ from slurmproxy.core.principal import Principal
 from slurmproxy.core.slurmrest import job_request
 from slurmproxy.errors import AuthorizationError, ProxyError, RuleRef
 from slurmproxy.policy.jobs.decide import check_job_headers, decide_job
-from slurmproxy.policy.ratelimit import RateLimiter
+from slurmproxy.policy.ratelimit import RateLimiter, RateLimits
 from slurmproxy.policy.rules import Decision, Policy, Rule, evaluate
 
 BodyReader = Callable[[], Awaitable[bytes]]
@@ -68,10 +68,18 @@ def ref_of(decision: Decision) -> RuleRef:
 class Authorizer:
     """Holds the policy in force (a reload assigns :attr:`policy`) and the rules' rate-limit buckets."""
 
-    def __init__(self, policy: Policy, *, max_body_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        max_body_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+        rate_limits: RateLimits | None = None,
+    ) -> None:
         self.policy = policy
         self._limit = max_body_bytes
-        self.rate_limiter = RateLimiter(clock=clock)
+        # The buckets: this process's (embedded), or the deployment's (slurmproxy.state, wired by the pipeline).
+        self.rate_limiter: RateLimits = rate_limits if rate_limits is not None else RateLimiter(clock=clock)
 
     async def authorize(self, principal: Principal, request: PolicyRequest, read_body: BodyReader) -> Authorized:
         """The allowed decision (and checked body), or a refusal: 403, or for job requests 400/413/415."""
@@ -86,7 +94,7 @@ class Authorizer:
             raise
         try:
             assert authorized.decision.rule is not None
-            self.rate_limiter.check(authorized.decision.rule, principal, authorized.decision.entitlement)
+            await self.rate_limiter.take(authorized.decision.rule, principal, authorized.decision.entitlement)
         except ProxyError as error:
             error.rule = authorized.ref
             raise

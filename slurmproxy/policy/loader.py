@@ -187,7 +187,7 @@ def _compile_rule(
         elif isinstance(step, AliseMap):
             mapping.append(MappingStep("alise", step.alise))
         elif isinstance(step, PoolMap):
-            mapping.append(MappingStep("pool", step.pool))
+            mapping.append(MappingStep("pool", step.pool, step.max_leases))
         elif step.table not in tables:
             errors.append(f"{where}.mapping[{n}]: unknown table {step.table!r}")
         else:

@@ -47,6 +47,12 @@ class AliseMap(_Model):
 
 class PoolMap(_Model):
     pool: str = Field(description="Name of an account pool under `identity.pools` in the configuration.")
+    max_leases: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many live leases of the pool for identities this rule admits (newcomers beyond "
+        "it get 503 `pool_rule_cap`). Default: no cap.",
+    )
 
 
 MappingStep = Annotated[TableMap | ServiceAccountMap | AliseMap | PoolMap, Field(union_mode="left_to_right")]

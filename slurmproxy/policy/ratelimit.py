@@ -17,8 +17,11 @@ Memory is bounded: buckets live in a ``cachetools.TLRUCache`` of at most ``max_k
 bucket expires when it would be full again (an absent bucket and a full one behave the same), and
 the least recently used bucket is dropped when the cache is full.
 
-Limits are per worker process: with ``server.workers: N`` a caller may get up to N times a rule's
-rate. Refusals are counted in the request metrics, by their reason ``rate_limited``.
+With the embedded backend (``state.backend: embedded``) limits are per worker process: with
+``server.workers: N`` a caller may get up to N times a rule's rate. The shared backend
+(``slurmproxy.state``) keeps the same buckets in Redis, for the whole deployment; both implement
+:class:`RateLimits` and name their buckets with :func:`buckets_for` and refuse with :func:`refusal`,
+so the two behave alike. Refusals are counted in the request metrics, by their reason ``rate_limited``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Protocol
 
 from cachetools import TLRUCache
 
@@ -79,8 +83,48 @@ def vo_of(entitlement: str | None) -> str | None:
     return f"{parsed.namespace}:group:{parsed.group}" if parsed is not None else None
 
 
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """One bucket a request takes a token from: what it is for (``identity``, ``VO …``), its key parts and spec."""
+
+    what: str
+    key: tuple[str, ...]
+    spec: BucketSpec
+
+
+def buckets_for(rule: Rule, principal: Principal, entitlement: str | None) -> list[Wanted]:
+    """The buckets of ``rule`` that apply to this caller: its identity's, and its VO's when admitted through one."""
+    limits = rule.rate_limit
+    if limits is None:
+        return []
+    wanted: list[Wanted] = []
+    if limits.per_identity is not None:
+        key = (rule.id, limits.per_identity.model_dump_json(), "identity", principal.issuer, principal.subject)
+        wanted.append(Wanted("identity", key, limits.per_identity))
+    vo = vo_of(entitlement)
+    if limits.per_vo is not None and vo is not None:
+        wanted.append(Wanted(f"VO {vo}", (rule.id, limits.per_vo.model_dump_json(), "vo", vo), limits.per_vo))
+    return wanted
+
+
+def refusal(rule: Rule, what: str, spec: BucketSpec, wait: float) -> RateLimitedError:
+    """The 429 for the emptiest bucket: ``Retry-After`` is the whole seconds until it has a token again."""
+    retry = max(1, math.ceil(wait))
+    return RateLimitedError(
+        f"rate limit of rule {rule.id} reached for this {what}: {spec.requests:g} requests per "
+        f"{spec.period_seconds:g} s (burst {spec.capacity:g}); retry in {retry} s",
+        headers={"Retry-After": str(retry)},
+    )
+
+
+class RateLimits(Protocol):
+    """What the policy stage needs of a rate limiter: take a token from every bucket that applies, or raise."""
+
+    async def take(self, rule: Rule, principal: Principal, entitlement: str | None) -> None: ...
+
+
 class RateLimiter:
-    """Applies the rate limits of the rule that allowed a request. Not thread-safe (one event loop)."""
+    """The embedded rate limiter: buckets in this process. Not thread-safe (one event loop)."""
 
     def __init__(self, *, max_keys: int = DEFAULT_MAX_KEYS, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -96,33 +140,20 @@ class RateLimiter:
         bucket.refill(now)
         return bucket
 
+    async def take(self, rule: Rule, principal: Principal, entitlement: str | None) -> None:
+        self.check(rule, principal, entitlement)
+
     def check(self, rule: Rule, principal: Principal, entitlement: str | None) -> None:
         """Take a token for this request from each of the rule's buckets, or raise RateLimitedError."""
-        limits = rule.rate_limit
-        if limits is None:
+        wanted = buckets_for(rule, principal, entitlement)
+        if not wanted:
             return
         now = self._clock()
-        wanted: list[tuple[str, Hashable, BucketSpec]] = []
-        if limits.per_identity is not None:
-            identity = (rule.id, limits.per_identity, "identity", principal.issuer, principal.subject)
-            wanted.append(("identity", identity, limits.per_identity))
-        vo = vo_of(entitlement)
-        if limits.per_vo is not None and vo is not None:
-            wanted.append((f"VO {vo}", (rule.id, limits.per_vo, "vo", vo), limits.per_vo))
-        buckets = [(what, key, self._bucket(key, spec, now)) for what, key, spec in wanted]
+        buckets = [(w.what, w.key, self._bucket(w.key, w.spec, now)) for w in wanted]
         empty = [(what, bucket) for what, _, bucket in buckets if bucket.wait() > 0]
         if empty:
-            self._refuse(rule, empty)
+            what, bucket = max(empty, key=lambda item: item[1].wait())
+            raise refusal(rule, what, bucket.spec, bucket.wait())
         for _, key, bucket in buckets:
             bucket.tokens -= 1.0
             self._buckets[key] = bucket  # re-inserted: its expiry moves with its level
-
-    def _refuse(self, rule: Rule, empty: list[tuple[str, Bucket]]) -> None:
-        what, bucket = max(empty, key=lambda item: item[1].wait())
-        retry = max(1, math.ceil(bucket.wait()))
-        spec = bucket.spec
-        raise RateLimitedError(
-            f"rate limit of rule {rule.id} reached for this {what}: {spec.requests:g} requests per "
-            f"{spec.period_seconds:g} s (burst {spec.capacity:g}); retry in {retry} s",
-            headers={"Retry-After": str(retry)},
-        )

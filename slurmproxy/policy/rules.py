@@ -29,6 +29,7 @@ ClaimValue = str | int | bool
 class MappingStep:
     kind: Literal["table", "service_account", "alise", "pool"]
     target: str
+    max_leases: int | None = None  # pool steps: the most leases of the pool the rule's identities may hold
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.target}"

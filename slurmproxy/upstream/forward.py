@@ -22,7 +22,7 @@ from slurmproxy.upstream.authcheck import UpstreamAuthCheck
 from slurmproxy.upstream.credentials import credentials_from
 from slurmproxy.upstream.exchange import UpstreamResponse, create_client, send
 from slurmproxy.upstream.headers import client_headers, normalized
-from slurmproxy.upstream.shield import Shield, ShieldResult, variant
+from slurmproxy.upstream.shield import SharedCache, Shield, ShieldResult, variant
 
 READINESS_TIMEOUT_SECONDS = 2.0
 
@@ -42,12 +42,12 @@ class Outgoing:
 
 
 class Upstream:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, *, shared_cache: SharedCache | None = None) -> None:
         self.pool = create_client(settings.upstream)
         self.credentials = credentials_from(settings.upstream)
         self.apis = ApiVersions(self.pool, self.credentials, settings.upstream)
         self.auth_check = UpstreamAuthCheck(self.pool)
-        self.shield = Shield(settings.shield)
+        self.shield = Shield(settings.shield, shared=shared_cache)  # shared_cache: the replicas' tier, if any
         self._metrics = metrics
         self._request_id_header = settings.server.request_id_header.lower().encode()
 

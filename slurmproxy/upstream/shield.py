@@ -15,6 +15,13 @@ Slurm identity in the credential and on the request.
 Bodies are buffered to be shared, each up to ``max_body_bytes`` and all together (being read,
 shared, sent or cached) up to ``max_bytes``; an answer that does not fit is streamed to the request
 that fetched it, and the others fetch their own.
+
+The cache can also have a second tier shared by every replica (:class:`SharedCache`, in Redis with
+``state.backend: shared``; see ``slurmproxy.state.shield``): on a miss here, the request that
+fetches asks it before slurmrestd, and an answer fetched from slurmrestd is written to it with what
+is left of its TTL. Same key, same limits: an answer from the shared tier is held in this worker's
+budget like any other, and only answers that fit ``max_body_bytes`` are ever written there.
+Coalescing stays per worker.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from cachetools import TTLCache
 
@@ -71,6 +78,28 @@ class SharedResponse:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     fetched_at: float  # when the request was sent: the answer is at least as fresh as that
+    from_shared_cache: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    """An answer from the shared cache tier, and how long ago it was fetched from slurmrestd."""
+
+    status_code: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    age: float
+
+
+class SharedCache(Protocol):
+    """A cache tier every replica sees (the shield's own cache is per worker)."""
+
+    async def get(self, key: Key) -> CachedAnswer | None:
+        """The answer for ``key`` if it is still within its TTL; None on a miss, and (when the admin chose
+        so) when the tier fails; raises a DependencyError when the admin chose to refuse then."""
+
+    async def put(self, key: Key, response: SharedResponse, ttl: float) -> None:
+        """Keep ``response`` for ``ttl`` more seconds; never raises."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +113,14 @@ class ShieldResult:
 
 
 class Shield:
-    def __init__(self, settings: ShieldSettings, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: ShieldSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        shared: SharedCache | None = None,
+    ) -> None:
+        self._shared = shared
         self._rules = [(compile_path(r.path), r.ttl_seconds) for r in settings.cache]
         self._coalesce = settings.coalesce
         self._max_body = settings.max_body_bytes
@@ -120,6 +156,8 @@ class Shield:
             if leader:
                 task.add_done_callback(_close_unclaimed)
             raise
+        if isinstance(result, SharedResponse) and result.from_shared_cache:
+            return ShieldResult("cache", shared=result, age=max(0.0, self._clock() - result.fetched_at))
         if leader:
             if isinstance(result, UpstreamResponse):
                 return ShieldResult("upstream", stream=result)
@@ -134,9 +172,25 @@ class Shield:
         self._cache.expire()  # answers past their TTL give their bytes back
         return self.budget.take(size)
 
+    async def _from_shared(self, ttl: float, key: Key) -> SharedResponse | None:
+        assert self._shared is not None
+        answer = await self._shared.get(key)
+        if answer is None or answer.age >= ttl or len(answer.body) > self._max_body or not self._room(len(answer.body)):
+            return None
+        shared = SharedResponse(
+            answer.status_code, answer.headers, answer.body, self._clock() - answer.age, from_shared_cache=True
+        )
+        weakref.finalize(shared, self.budget.give, len(answer.body))
+        self._cache[key] = shared
+        return shared
+
     async def _produce(
         self, ttl: float | None, key: Key, send: Callable[[], Awaitable[UpstreamResponse]]
     ) -> SharedResponse | UpstreamResponse:
+        if ttl is not None and self._shared is not None:
+            hit = await self._from_shared(ttl, key)
+            if hit is not None:
+                return hit
         sent_at = self._clock()
         response = await send()
         length = _content_length(response)
@@ -163,6 +217,9 @@ class Shield:
         weakref.finalize(shared, self.budget.give, len(body))
         if ttl is not None and shared.status_code == 200:
             self._cache[key] = shared
+            left = ttl - (self._clock() - sent_at)
+            if self._shared is not None and left > 0:
+                await self._shared.put(key, shared, left)
         return shared
 
 

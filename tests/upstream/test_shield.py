@@ -18,7 +18,9 @@ def make_shield(*cache: tuple[str, float], clock: Clock | None = None, **setting
     """A shield with these cache rules; sizes below the settings' minimums are taken as given (tests)."""
     rules = [{"path": path, "ttl_seconds": ttl} for path, ttl in cache]
     validated = ShieldSettings.model_validate({"cache": rules})
-    return Shield(validated.model_copy(update=settings), **({"clock": clock} if clock else {}))
+    if clock is None:
+        return Shield(validated.model_copy(update=settings))
+    return Shield(validated.model_copy(update=settings), clock=clock)
 
 
 async def settle() -> None:

@@ -59,7 +59,10 @@ no such setting yet: the file is mounted and docs/operations.md says where).
   (list "serviceToken" "service-token" "upstream.service_token_file")
   (list "introspectionClientSecret" "introspection-client-secret" "")
   (list "aliseApiKey" "alise-api-key" "")
-  (list "auditPseudonymKey" "audit-pseudonym-key" "audit.pseudonym_key_file") }}
+  (list "auditPseudonymKey" "audit-pseudonym-key" "audit.pseudonym_key_file")
+  (list "redisPassword" "redis-password" "state.redis.password_file")
+  (list "postgresPassword" "postgres-password" "state.postgres.password_file")
+  (list "stateHashKey" "state-hash-key" "state.hash_key_file") }}
 {{- $out := list }}
 {{- range $table }}
 {{- $ref := index $.Values.secrets (index . 0) }}
@@ -94,7 +97,13 @@ no such setting yet: the file is mounted and docs/operations.md says where).
 {{- if .setting }}
 {{- $parts := splitList "." .setting }}
 {{- $section := deepCopy (get $cfg (index $parts 0) | default dict) }}
+{{- if eq (len $parts) 3 }}
+{{- $sub := deepCopy (get $section (index $parts 1) | default dict) }}
+{{- $_ := set $sub (index $parts 2) (printf "%s/%s" .dir .key) }}
+{{- $_ := set $section (index $parts 1) $sub }}
+{{- else }}
 {{- $_ := set $section (index $parts 1) (printf "%s/%s" .dir .key) }}
+{{- end }}
 {{- $_ := set $cfg (index $parts 0) $section }}
 {{- end }}
 {{- end }}
@@ -120,9 +129,21 @@ no such setting yet: the file is mounted and docs/operations.md says where).
 {{- if le (int .Values.terminationGracePeriodSeconds) (add 30 (int .Values.preStopSleepSeconds) | int) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds (%d) + 30 s of graceful shutdown" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds)) }}
 {{- end }}
-{{- if and .Values.podDisruptionBudget.enabled (not .Values.autoscaling.enabled) (not (kindIs "string" .Values.podDisruptionBudget.minAvailable)) }}
+{{- $backend := (get (.Values.config.state | default dict) "backend") | default "embedded" }}
+{{- if and (ne $backend "shared") (or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled) }}
+{{- fail (printf "%s with config.state.backend %s: every pod would keep its own rate limits, pool leases and caches (N pods allow N times each limit, and one user could get different pool accounts). Set config.state.backend: shared with config.state.redis (and config.state.postgres for pools or ALISE last_known), or run replicaCount: 1 without autoscaling" (ternary "autoscaling.enabled" (printf "replicaCount %d" (int .Values.replicaCount)) .Values.autoscaling.enabled) $backend) }}
+{{- end }}
+{{- if and (eq $backend "shared") (not (get (.Values.config.state | default dict) "redis")) }}
+{{- fail "config.state.backend is shared: set config.state.redis.url (and the Secret secrets.redisPassword if Redis needs a password)" }}
+{{- end }}
+{{- if and (include "slurmproxy.pdb" .) (not (kindIs "string" .Values.podDisruptionBudget.minAvailable)) (not .Values.autoscaling.enabled) }}
 {{- if ge (int .Values.podDisruptionBudget.minAvailable) (int .Values.replicaCount) }}
 {{- fail (printf "podDisruptionBudget.minAvailable (%d) must be below replicaCount (%d), or no pod could ever be evicted" (int .Values.podDisruptionBudget.minAvailable) (int .Values.replicaCount)) }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* "true" when the PodDisruptionBudget is rendered: enabled, and more than one pod can run. */}}
+{{- define "slurmproxy.pdb" -}}
+{{- if and .Values.podDisruptionBudget.enabled (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}true{{ end }}
 {{- end }}
