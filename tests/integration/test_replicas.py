@@ -159,6 +159,9 @@ def deployment(
         state={**state, "hash_key_file": str(key)},
         shield={"cache": [{"path": "/slurm/{version}/jobs", "ttl_seconds": SHIELD_TTL}]},
         metrics={"enabled": True, "path": "/metrics"},
+        # 3 replicas x 2 workers x 16 connections would hold 96 of slurmrestd 22.05's connections, more than
+        # its threads serve: 300 pings at once then starved some connection past the clients' timeout.
+        upstream={"max_connections": 4},
     )
     replicas = [proxy_factory(config, {"site.yaml": policy(idp.issuer)}) for _ in range(REPLICAS)]
     upstreams = [f"127.0.0.1:{replica.port}" for replica in replicas]
