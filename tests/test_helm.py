@@ -134,7 +134,7 @@ def test_the_rendered_config_and_policies_pass_the_proxys_own_check(
     monkeypatch.setenv("SLURMPROXY_UPSTREAM__JWT_KEY_FILE", str(tmp_path / "jwt.key"))
     monkeypatch.setenv("SLURMPROXY_AUDIT__PSEUDONYM_KEY_FILE", str(tmp_path / "pseudonym.key"))
     monkeypatch.setenv("SLURMPROXY_POLICY__PATHS", json.dumps([str(policies)]))
-    settings = validate_proxy_config(config)
+    settings, _ = validate_proxy_config(config)
     assert settings.server.workers == 2 and settings.audit.sink == "file"
     assert [str(n) for n in settings.server.trusted_proxies] == ["10.0.0.0/8"]
 

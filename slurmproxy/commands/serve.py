@@ -16,6 +16,7 @@ from typing import Any
 from slurmproxy.audit.record import read_pseudonym_key
 from slurmproxy.commands import EXIT_CONFIG, EXIT_OK, add_config_argument
 from slurmproxy.config.settings import Settings, load_settings
+from slurmproxy.config.warnings import config_warnings
 from slurmproxy.errors import ConfigError
 from slurmproxy.identity import check_identity_config
 from slurmproxy.pipeline.runtime import load_runtime_policy
@@ -23,20 +24,21 @@ from slurmproxy.tokens.claims import read_client_secrets
 from slurmproxy.upstream.credentials import credentials_from
 
 
-def validate(config: Path | None) -> Settings:
-    """Everything serve needs, checked; raises ConfigError (PolicyError and CredentialError among them)."""
+def validate(config: Path | None) -> tuple[Settings, list[str]]:
+    """Everything serve needs, checked, and the warnings about what is legal but probably unsafe (the
+    configuration's, then the policy's); raises ConfigError (PolicyError and CredentialError among them)."""
     settings = load_settings(config)
-    load_runtime_policy(settings)
+    policy = load_runtime_policy(settings)
     credentials_from(settings.upstream)
     check_identity_config(settings.identity)
     read_client_secrets(settings.oidc)
     if settings.audit.pseudonym_key_file is not None:
         read_pseudonym_key(settings.audit.pseudonym_key_file)
-    return settings
+    return settings, [*config_warnings(settings), *policy.warnings]
 
 
-def validated(config: Path | None) -> Settings | None:
-    """The settings, or None after printing why they are invalid."""
+def validated(config: Path | None) -> tuple[Settings, list[str]] | None:
+    """The settings and their warnings, or None after printing why they are invalid."""
     try:
         return validate(config)
     except ConfigError as exc:
@@ -60,9 +62,10 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 
 def serve(args: argparse.Namespace) -> int:
-    settings = validated(args.config)
-    if settings is None:
+    checked = validated(args.config)
+    if checked is None:
         return EXIT_CONFIG
+    settings, _ = checked  # the warnings are logged by every worker as it starts (pipeline.runtime)
     import uvicorn
 
     from slurmproxy.observability.logs import configure_logging
@@ -88,11 +91,14 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    settings = validated(args.config)
-    if settings is None:
+    checked = validated(args.config)
+    if checked is None:
         return EXIT_CONFIG
+    settings, warnings = checked
     paths = ", ".join(str(p) for p in settings.policy.paths)
     print(f"configuration OK: {len(settings.oidc.issuers)} issuer(s), policy from {paths}")
+    for warning in warnings:
+        print(f"warning: {warning}")
     return EXIT_OK
 
 

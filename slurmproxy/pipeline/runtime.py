@@ -3,6 +3,7 @@ stage (tokens, policy, identity, upstream, audit), the metrics, and the policy r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import httpx
 
 from slurmproxy.audit.log import AuditLog, AuditTrail
 from slurmproxy.config.settings import Settings
+from slurmproxy.config.warnings import config_warnings
 from slurmproxy.identity import IdentityMapper, check_policy_backends, open_identity
 from slurmproxy.observability.metrics import Metrics
 from slurmproxy.policy import Authorizer, Policy, load_policy
@@ -18,6 +20,8 @@ from slurmproxy.policy.reload import PolicyReloader, reloading
 from slurmproxy.tokens import TokenValidator, build_validator
 from slurmproxy.tokens.provider import ProviderClient
 from slurmproxy.upstream import Upstream
+
+logger = logging.getLogger("slurmproxy")
 
 
 @dataclass
@@ -55,6 +59,10 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     metrics = Metrics()
     policy = load_runtime_policy(settings)
     metrics.policy_load(True, rules=len(policy.rules))
+    for warning in config_warnings(settings):
+        logger.warning("configuration: %s", warning)
+    for warning in policy.warnings:
+        logging.getLogger("slurmproxy.policy").warning("policy: %s", warning)
     upstream = Upstream(settings, metrics)  # reads the Slurm credential: a bad key fails here
     log = AuditLog(settings.audit, metrics)
     log.open()
