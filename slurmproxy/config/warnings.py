@@ -3,9 +3,31 @@ start-up, never an error (the policy's own warnings come from :mod:`slurmproxy.p
 
 from __future__ import annotations
 
-from slurmproxy.config.settings import Settings
+import ipaddress
+from urllib.parse import urlsplit
+
+from slurmproxy.config.settings import Settings, UpstreamSettings
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _upstream(upstream: UpstreamSettings) -> list[str]:
+    parts = urlsplit(upstream.url)
+    if upstream.auth == "service_token" and parts.scheme == "http" and not _loopback(parts.hostname or ""):
+        return [
+            f"upstream.url {upstream.url} is plain http to a host that is not loopback, and upstream.auth is "
+            "service_token: the SlurmUser's token (root-equivalent on the cluster) crosses the network in clear "
+            "with every request; use https://, a unix: socket, or auth: mint"
+        ]
+    return []
 
 
 def config_warnings(settings: Settings) -> list[str]:
-    warnings: list[str] = []
-    return warnings
+    return [*_upstream(settings.upstream)]

@@ -3,6 +3,7 @@ and the readers of subject and entitlements. Pure functions: no I/O, the clock i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeGuard
 
@@ -12,7 +13,9 @@ ACCESS_TOKEN_TYPES = frozenset({"bearer", "access_token"})
 
 
 def is_number(value: Any) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite JSON number: Python's json reads ``NaN`` and ``Infinity``, and every comparison with NaN
+    is false, so an ``exp`` of NaN would never expire and an ``nbf`` of NaN would never be in the future."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_time_claims(claims: Mapping[str, Any], now: float, leeway: int, *, require_exp: bool = True) -> None:
@@ -31,6 +34,14 @@ def check_time_claims(claims: Mapping[str, Any], now: float, leeway: int, *, req
     # RFC 7519 §4.1.6: an iat in the future means a forged or badly clocked issuer.
     if iat is not None and (not is_number(iat) or iat > now + leeway):
         raise AuthenticationError("the token was issued in the future (iat)", reason="token_issued_in_future")
+
+
+def check_jwt_subject(claims: Mapping[str, Any]) -> None:
+    """RFC 9068 §2.2: a JWT access token MUST have ``sub``. Checked before any provider call, so a token
+    without one is a 401 rather than, when userinfo fails, a 503."""
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        raise AuthenticationError("the token has no sub claim", reason="missing_subject")
 
 
 def check_audience(claims: Mapping[str, Any], audiences: Sequence[str]) -> None:

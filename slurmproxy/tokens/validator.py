@@ -3,8 +3,9 @@
 The order of checks is fixed and each failure has its own reason code (401 body and audit):
 header shape → size → cache → JWS structure → issuer is configured (before any network I/O) →
 algorithm is on that issuer's allow-list → key for ``kid`` → signature (joserfc) →
-``exp``/``nbf``/``iat`` → ``aud`` → ``typ`` → then, only for a verified token, the issuer's
-userinfo or introspection if the issuer's settings read subject or entitlements there.
+``exp``/``nbf``/``iat`` (finite numbers) → ``aud`` → ``typ`` → ``sub`` (RFC 9068) → then, only for a
+verified token, the issuer's userinfo or introspection if the issuer's settings read subject or
+entitlements there.
 
 A token that is not shaped like a JWT is opaque: it goes to the introspection endpoint of the one
 issuer configured with ``accept_opaque_tokens`` (never to any other), or is refused.
@@ -32,6 +33,7 @@ from slurmproxy.tokens.checks import (
     check_audience,
     check_bearer,
     check_introspected_type,
+    check_jwt_subject,
     check_jwt_type,
     check_time_claims,
     is_number,
@@ -223,6 +225,7 @@ class TokenValidator:
         check_audience(claims, settings.audiences)
         check_jwt_type(claims, settings.token_types)
         check_bearer(claims)
+        check_jwt_subject(claims)
         # Only now, with the signature verified, may the token go to its own issuer's endpoints.
         identity = await resolve(settings, self._sources[settings.issuer], token, claims)
         return _Validated(make_principal(settings, claims, identity, token), provider, shape.kid, key)

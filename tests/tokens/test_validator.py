@@ -533,3 +533,45 @@ async def test_jwt_from_an_unknown_issuer_is_never_introspected(httpx_mock: HTTP
             await _two_issuers(http).authenticate([f"Bearer {token}"])
     assert err.value.reason == "untrusted_issuer"
     assert httpx_mock.get_requests() == []
+
+
+# --- issue 15, item 12 --------------------------------------------------------------------------
+
+
+async def test_a_jwt_without_sub_is_refused_before_any_provider_call(httpx_mock: HTTPXMock) -> None:
+    """RFC 9068 §2.2: a JWT access token has `sub`. Without it, no userinfo call (whose failure would be a
+    503), however the issuer's subject is read."""
+    signer = Signer()
+    _serve_keys(httpx_mock, signer)
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(AuthenticationError) as err:
+            await _checkin_validator(http).authenticate([f"Bearer {_checkin_token(signer, sub=None)}"])
+    assert err.value.reason == "missing_subject" and err.value.status_code == 401
+    assert _requests_to(httpx_mock, USERINFO) == 0
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        pytest.param({"exp": float("inf")}, "missing_exp", id="exp-infinity"),
+        pytest.param({"exp": float("nan")}, "missing_exp", id="exp-nan"),
+        pytest.param({"nbf": float("nan")}, "token_not_yet_valid", id="nbf-nan"),
+        pytest.param({"nbf": float("-inf")}, "token_not_yet_valid", id="nbf-minus-infinity"),
+        pytest.param({"iat": float("nan")}, "token_issued_in_future", id="iat-nan"),
+        pytest.param({"iat": float("-inf")}, "token_issued_in_future", id="iat-minus-infinity"),
+    ],
+)
+async def test_non_finite_time_claims_are_refused(httpx_mock: HTTPXMock, claims: dict[str, Any], reason: str) -> None:
+    signer = Signer()
+    _serve_keys(httpx_mock, signer)
+    token = signer.token(**claims)
+    assert "NaN" in token_payload(token) or "Infinity" in token_payload(token)
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(AuthenticationError) as err:
+            await _validator(http).authenticate([f"Bearer {token}"])
+    assert err.value.reason == reason
+
+
+def token_payload(token: str) -> str:
+    segment = token.split(".")[1]
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)).decode()

@@ -1,0 +1,35 @@
+"""The configuration's warnings: legal, probably unsafe, printed by check-config and logged at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from slurmproxy.config.warnings import config_warnings
+from tests.helpers import make_settings
+
+
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [
+        pytest.param("http://slurmrestd.cluster.example:6820", True, id="remote-http"),
+        pytest.param("http://10.1.2.3:6820", True, id="remote-ip"),
+        pytest.param("http://127.0.0.1:6820", False, id="loopback"),
+        pytest.param("http://[::1]:6820", False, id="loopback-v6"),
+        pytest.param("http://localhost:6820", False, id="localhost"),
+        pytest.param("https://slurmrestd.cluster.example:6820", False, id="https"),
+        pytest.param("unix:/run/slurmrestd/slurmrestd.socket", False, id="unix"),
+    ],
+)
+def test_service_token_over_plain_http_is_a_warning(tmp_path: Path, url: str, warned: bool) -> None:
+    """Issue 15, item 12: the SlurmUser token is root-equivalent; in clear on a network it is anyone's."""
+    token = tmp_path / "slurm.token"
+    token.write_text("eyJh.eyJz.c2ln\n")
+    settings = make_settings(tmp_path, upstream={"url": url, "auth": "service_token", "service_token_file": str(token)})
+    warnings = [w for w in config_warnings(settings) if "service_token" in w]
+    assert bool(warnings) is warned
+    if warned:
+        assert "root-equivalent" in warnings[0] and url in warnings[0]
+    minted = make_settings(tmp_path, upstream={"url": url, "auth": "mint"})
+    assert not [w for w in config_warnings(minted) if "service_token" in w]
