@@ -26,10 +26,11 @@ from slurmproxy.policy import Authorized, PolicyRequest
 from slurmproxy.upstream import Outgoing
 from slurmproxy.upstream.shield import ShieldResult
 from slurmproxy.web.replies import Reply, error_reply, reply_from
-from slurmproxy.web.request import Incoming, forwarded_body, headers_named, read_body
+from slurmproxy.web.request import Incoming, forwarded_body, headers_named, read_body, single_content_type
 
 logger = logging.getLogger("slurmproxy.proxy")
 MAX_INSPECTED_RESPONSE = 1024 * 1024
+JSON = "application/json"  # the content type of every job body the proxy forwards: it checked JSON
 
 
 def job_id_from(body: bytes) -> int | None:
@@ -86,11 +87,12 @@ class ProxyEndpoint:
         path = canonical_path(request.raw_path)
         record.path = path
         query = check_query(request.query)
+        content_type = single_content_type(request.headers)
 
         principal = await runtime.tokens.authenticate(headers_named(request.headers, b"authorization"))
         record.set_principal(principal)
 
-        wanted = PolicyRequest(request.method, path, request.header(b"content-type"), request.header(b"content-length"))
+        wanted = PolicyRequest(request.method, path, content_type, request.header(b"content-length"))
         authorized = await runtime.authorizer.authorize(principal, wanted, lambda: read_body(receive, limit))
         record.set_rule(authorized.ref)
 
@@ -114,11 +116,13 @@ async def _outgoing(
 ) -> Outgoing:
     body: bytes | AsyncIterator[bytes] | None
     length: str | None
-    if authorized.body is not None:  # a job request: exactly the body the policy checked
-        body, length = authorized.body, str(len(authorized.body))
+    content_type = None
+    if authorized.body is not None:  # a job request: exactly the body the policy checked, as the JSON it is
+        body, length, content_type = authorized.body, str(len(authorized.body)), JSON
     else:
         body, length = await forwarded_body(request, receive, limit)
-    return Outgoing(request.method, path, query, list(request.headers), body, length, request.request_id)
+    headers = list(request.headers)
+    return Outgoing(request.method, path, query, headers, body, length, request.request_id, content_type)
 
 
 async def _answer(record: AuditRecord, result: ShieldResult, authorized: Authorized) -> Reply:

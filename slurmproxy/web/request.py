@@ -59,6 +59,15 @@ def headers_named(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[s
     return [value.decode("latin-1") for key, value in headers if key == name]
 
 
+def single_content_type(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The request's one Content-Type (None without one); 400 for two, also spelled ``content_type``:
+    the proxy would check one and slurmrestd might read the other."""
+    found = [value for key, value in headers if key.replace(b"_", b"-") == b"content-type"]
+    if len(found) > 1:
+        raise BadRequestError("the request has more than one Content-Type header", reason="duplicate_content_type")
+    return found[0].decode("latin-1") if found else None
+
+
 def request_id_of(headers: Iterable[tuple[bytes, bytes]], settings: ServerSettings) -> str:
     """The client's request id if it is well-formed, else a new one."""
     supplied = header(headers, settings.request_id_header.lower().encode())

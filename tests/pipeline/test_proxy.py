@@ -360,3 +360,40 @@ async def test_an_unsized_answer_too_large_to_share_reaches_its_caller_whole(
     async with app_client(settings) as client:
         response = await client.get("/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {signer.token()}"})
     assert response.status_code == 200 and response.content == big
+
+
+# --- issue 15, item 8: one Content-Type, and the proxy's own for job bodies -----------------------
+
+
+@pytest.mark.parametrize(
+    "second",
+    [pytest.param(("Content-Type", "application/x-yaml"), id="two-content-types"),
+     pytest.param(("content_type", "application/x-yaml"), id="underscore-spelling")],
+)  # fmt: skip
+async def test_two_content_types_are_refused(
+    tmp_path: Path, signer: Signer, upstream: Upstream, second: tuple[str, str]
+) -> None:
+    """The proxy checked the first, slurmrestd read the last: two are never passed on."""
+    headers = [("Authorization", f"Bearer {signer.token()}"), ("Content-Type", "application/json"), second]
+    async with app_client(make_settings(tmp_path)) as client:
+        response = await client.post(SUBMIT, content=json.dumps(JOB), headers=headers)
+    assert response.status_code == 400
+    assert response.json()["slurmproxy"]["reason"] == "duplicate_content_type"
+    assert upstream.get_requests() == []
+
+
+async def test_a_job_body_goes_out_with_the_proxys_own_content_type(
+    tmp_path: Path, signer: Signer, upstream: Upstream
+) -> None:
+    """`Connection: content-type` would strip the checked header after the check; the proxy sets it."""
+    upstream.add_response(url=f"{UPSTREAM}{SUBMIT}", method="POST", json={"job_id": 7, "errors": []})
+    headers = {
+        "Authorization": f"Bearer {signer.token()}",
+        "Content-Type": "application/json; charset=utf-8",
+        "Connection": "content-type",
+    }
+    async with app_client(make_settings(tmp_path)) as client:
+        response = await client.post(SUBMIT, content=json.dumps(JOB), headers=headers)
+    assert response.status_code == 200
+    (sent,) = upstream.get_requests()
+    assert [v for k, v in sent.headers.raw if k.lower() == b"content-type"] == [b"application/json"]
