@@ -461,9 +461,17 @@ class IdentitySettings(_Section):
     slurm_user: str = setting("slurm", "the cluster's SlurmUser; never mapped to")
     denied_users: tuple[str, ...] = setting(("root",), "further accounts never mapped to")
     require_local_account: bool = setting(
-        False,
-        "refuse accounts missing from this host's user database. Set it when the proxy runs on a host with the "
-        "cluster's users: Slurm accepts a token for an unknown user and queues the job as `nobody` forever",
+        True,
+        "refuse (403 `account_unknown`) accounts missing from this host's user database, whose uid cannot be "
+        "checked (a cluster's `slurmdbd`, `mysql`, a uid-0 alias), unless `unknown_accounts` names them; `false` "
+        "passes every such name on unchecked (`check-config` warns)",
+    )
+    unknown_accounts: str | None = setting(
+        None,
+        "a regular expression (whole name): accounts that may be used although this host cannot look them up, "
+        "for a proxy whose host or container lacks the cluster's users, e.g. `svc-[a-z]+|pool[0-9]{3}`; their "
+        "uid is not checked ([docs/identity.md](docs/identity.md#safety-every-answer-passes-the-guard))",
+        shown="none",
     )
     alise: dict[str, AliseSettings] = setting(
         default_factory=dict, description="ALISE services by name (below)", shown="none"
@@ -476,6 +484,16 @@ class IdentitySettings(_Section):
         "SQLite file (WAL) of the leases, shared by the workers, kept across restarts",
         shown="none (required with pools)",
     )
+
+    @field_validator("unknown_accounts")
+    @classmethod
+    def _a_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from exc
+        return value
 
     @model_validator(mode="after")
     def _pools_consistent(self) -> IdentitySettings:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
-from slurmproxy.config.settings import Settings, UpstreamSettings
+from slurmproxy.config.settings import IdentitySettings, Settings, UpstreamSettings
 
 
 def _loopback(host: str) -> bool:
@@ -29,5 +29,15 @@ def _upstream(upstream: UpstreamSettings) -> list[str]:
     return []
 
 
+def _identity(identity: IdentitySettings) -> list[str]:
+    if identity.require_local_account:
+        return []
+    return [
+        "identity.require_local_account is false: local accounts this host cannot look up (the cluster's "
+        "slurmdbd or mysql, a uid-0 alias) are used without any uid check; name the ones you mean in "
+        "identity.unknown_accounts instead"
+    ]
+
+
 def config_warnings(settings: Settings) -> list[str]:
-    return [*_upstream(settings.upstream)]
+    return [*_upstream(settings.upstream), *_identity(settings.identity)]

@@ -33,3 +33,10 @@ def test_service_token_over_plain_http_is_a_warning(tmp_path: Path, url: str, wa
         assert "root-equivalent" in warnings[0] and url in warnings[0]
     minted = make_settings(tmp_path, upstream={"url": url, "auth": "mint"})
     assert not [w for w in config_warnings(minted) if "service_token" in w]
+
+
+def test_turning_off_the_local_account_check_is_a_warning(tmp_path: Path) -> None:
+    assert not [w for w in config_warnings(make_settings(tmp_path)) if "require_local_account" in w]
+    settings = make_settings(tmp_path, identity={"require_local_account": False})
+    (warning,) = [w for w in config_warnings(settings) if "require_local_account" in w]
+    assert "without any uid check" in warning
