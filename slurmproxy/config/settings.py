@@ -139,6 +139,18 @@ class IssuerSettings(_Section):
         "if set, `aud` must contain one of them (for opaque tokens: the introspection answer's `aud`)",
         shown="none",
     )
+    clients: tuple[str, ...] = setting(
+        (),
+        "if set, the client the token was issued to (`azp`, `client_id`; for opaque tokens the introspection "
+        "answer's `client_id`) must be one of them, else 401 `wrong_client`: with no `audiences` either, any "
+        "relying party of the issuer that holds a user's token could replay it here (`check-config` warns)",
+        shown="none",
+    )
+    require_at_jwt: bool = setting(
+        False,
+        "the JOSE header's `typ` must be `at+jwt` (RFC 9068), else 401 `wrong_token_type`: for issuers that type "
+        "their JWT access tokens so (Check-in does not: its header says `JWT`)",
+    )
     algorithms: tuple[str, ...] = setting(
         ("RS256", "ES256"), "allowed JWS algorithms; asymmetric only (`none` and `HS*` are refused at load)"
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
-from slurmproxy.config.settings import IdentitySettings, Settings, UpstreamSettings
+from slurmproxy.config.settings import IdentitySettings, OidcSettings, Settings, UpstreamSettings
 
 
 def _loopback(host: str) -> bool:
@@ -29,6 +29,16 @@ def _upstream(upstream: UpstreamSettings) -> list[str]:
     return []
 
 
+def _issuers(oidc: OidcSettings) -> list[str]:
+    return [
+        f"oidc.issuers: {issuer.issuer} accepts tokens for any audience from any client (neither audiences nor "
+        "clients is set): any relying party of this issuer that holds a user's token can replay it here; set "
+        "clients (the client ids that may call this proxy: the token's azp or client_id) or audiences"
+        for issuer in oidc.issuers
+        if not issuer.audiences and not issuer.clients
+    ]
+
+
 def _identity(identity: IdentitySettings) -> list[str]:
     if identity.require_local_account:
         return []
@@ -40,4 +50,4 @@ def _identity(identity: IdentitySettings) -> list[str]:
 
 
 def config_warnings(settings: Settings) -> list[str]:
-    return [*_upstream(settings.upstream), *_identity(settings.identity)]
+    return [*_issuers(settings.oidc), *_upstream(settings.upstream), *_identity(settings.identity)]

@@ -54,6 +54,31 @@ def check_audience(claims: Mapping[str, Any], audiences: Sequence[str]) -> None:
         raise AuthenticationError("the token is not meant for this service (aud)", reason="wrong_audience")
 
 
+def check_client(claims: Mapping[str, Any], clients: Sequence[str]) -> None:
+    """The client the token was issued to must be one of ``clients`` (if any are configured).
+
+    Keycloak names it ``azp``, RFC 9068 and RFC 7662 ``client_id``; every one present must be listed, so
+    two that disagree are refused.
+    """
+    if not clients:
+        return
+    named = [claims[name] for name in ("azp", "client_id") if name in claims]
+    if not named or not all(isinstance(c, str) and c in clients for c in named):
+        raise AuthenticationError(
+            "the token was issued to a client this service does not accept (azp, client_id)", reason="wrong_client"
+        )
+
+
+def check_header_type(header: Mapping[str, Any], require_at_jwt: bool) -> None:
+    """RFC 9068 §4: an access token's JOSE header says ``typ: at+jwt`` (RFC 7515 §4.1.9: the
+    ``application/`` prefix may be left out, and media types compare case-insensitively)."""
+    if not require_at_jwt:
+        return
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower().removeprefix("application/") != "at+jwt":
+        raise AuthenticationError("the token is not a JWT access token (typ at+jwt)", reason="wrong_token_type")
+
+
 def check_bearer(claims: Mapping[str, Any]) -> None:
     # RFC 9449 §7 / RFC 8705 §3: a sender-constrained token (cnf) needs a proof the proxy does not check;
     # accepting it as a bearer token would remove the binding's protection.

@@ -2,8 +2,9 @@
 
 The order of checks is fixed and each failure has its own reason code (401 body and audit):
 header shape → size → cache → JWS structure → issuer is configured (before any network I/O) →
-algorithm is on that issuer's allow-list → key for ``kid`` → signature (joserfc) →
-``exp``/``nbf``/``iat`` (finite numbers) → ``aud`` → ``typ`` → ``sub`` (RFC 9068) → then, only for a
+algorithm is on that issuer's allow-list → header ``typ`` (``require_at_jwt``) → key for ``kid`` →
+signature (joserfc) → ``exp``/``nbf``/``iat`` (finite numbers) → ``aud`` → client (``azp``,
+``client_id``) → ``typ`` claim → ``sub`` (RFC 9068) → then, only for a
 verified token, the issuer's userinfo or introspection if the issuer's settings read subject or
 entitlements there.
 
@@ -32,6 +33,8 @@ from slurmproxy.tokens.bearer import b64json, check_token_syntax, extract_bearer
 from slurmproxy.tokens.checks import (
     check_audience,
     check_bearer,
+    check_client,
+    check_header_type,
     check_introspected_type,
     check_jwt_subject,
     check_jwt_type,
@@ -178,6 +181,7 @@ class TokenValidator:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise AuthenticationError("the token's key id is not a string", reason="malformed_token")
+        check_header_type(header, provider.settings.require_at_jwt)
         return _Shape(provider, alg, kid)
 
     async def _validate(self, token: str, shape: _Shape, now: float | None = None) -> tuple[_Validated, float]:
@@ -201,6 +205,7 @@ class TokenValidator:
         check_bearer(answer)
         check_time_claims(answer, now, settings.leeway_seconds, require_exp=False)
         check_audience(answer, settings.audiences)
+        check_client(answer, settings.clients)
         identity = await resolve(settings, sources, token, answer, introspection=answer)
         return _Validated(make_principal(settings, answer, identity, token), provider)
 
@@ -223,6 +228,7 @@ class TokenValidator:
         claims = decoded.claims
         check_time_claims(claims, now, settings.leeway_seconds)
         check_audience(claims, settings.audiences)
+        check_client(claims, settings.clients)
         check_jwt_type(claims, settings.token_types)
         check_bearer(claims)
         check_jwt_subject(claims)

@@ -40,3 +40,24 @@ def test_turning_off_the_local_account_check_is_a_warning(tmp_path: Path) -> Non
     settings = make_settings(tmp_path, identity={"require_local_account": False})
     (warning,) = [w for w in config_warnings(settings) if "require_local_account" in w]
     assert "without any uid check" in warning
+
+
+@pytest.mark.parametrize(
+    ("issuer", "warned"),
+    [
+        pytest.param({"preset": "egi-checkin"}, True, id="checkin-preset-alone"),
+        pytest.param({"issuer": "https://idp.test"}, True, id="plain-issuer"),
+        pytest.param({"preset": "egi-checkin", "clients": ["slurm-portal"]}, False, id="clients"),
+        pytest.param({"issuer": "https://idp.test", "audiences": ["slurmproxy"]}, False, id="audiences"),
+    ],
+)
+def test_an_issuer_accepting_any_audience_and_any_client_is_a_warning(
+    tmp_path: Path, issuer: dict[str, object], warned: bool
+) -> None:
+    """Issue 15, item 6: Check-in access tokens carry no aud; without a client allow-list, a token any
+    other relying party holds is accepted here."""
+    settings = make_settings(tmp_path, oidc={"issuers": [issuer]})
+    warnings = [w for w in config_warnings(settings) if w.startswith("oidc.issuers")]
+    assert bool(warnings) is warned
+    if warned:
+        assert "any audience from any client" in warnings[0] and "replay" in warnings[0]
