@@ -339,6 +339,13 @@ class UpstreamSettings(_Section):
         "(slurmrestd serves a few threads, more connections only queue there)",
         ge=1,
     )
+    max_connections_per_identity: int = setting(
+        4,
+        "per worker: most of those connections one identity (issuer + subject) may hold at once, from sending "
+        "its request to the end of slurmrestd's answer; beyond it, 429 `too_many_concurrent_requests` with "
+        "`Retry-After` (so that one caller's slow requests cannot take every connection)",
+        ge=1,
+    )
     keepalive_seconds: float = setting(
         5.0,
         "an idle pooled connection is closed after it (keep it below slurmrestd's own idle timeout)",

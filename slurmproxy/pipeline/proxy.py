@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 
 from starlette.types import Receive, Scope, Send
 
@@ -26,7 +25,14 @@ from slurmproxy.policy import Authorized, PolicyRequest
 from slurmproxy.upstream import Outgoing
 from slurmproxy.upstream.shield import ShieldResult
 from slurmproxy.web.replies import Reply, error_reply, reply_from
-from slurmproxy.web.request import Incoming, forwarded_body, headers_named, read_body, single_content_type
+from slurmproxy.web.request import (
+    Incoming,
+    check_body_allowed,
+    forwarded_body,
+    headers_named,
+    read_body,
+    single_content_type,
+)
 
 logger = logging.getLogger("slurmproxy.proxy")
 MAX_INSPECTED_RESPONSE = 1024 * 1024
@@ -87,6 +93,7 @@ class ProxyEndpoint:
         path = canonical_path(request.raw_path)
         record.path = path
         query = check_query(request.query)
+        check_body_allowed(request, path)
         content_type = single_content_type(request.headers)
 
         principal = await runtime.tokens.authenticate(headers_named(request.headers, b"authorization"))
@@ -100,7 +107,8 @@ class ProxyEndpoint:
         account = await runtime.mapper.map(authorized.policy, authorized.rule, principal)
         _note_account(record, account)
 
-        outgoing = await _outgoing(request, receive, limit, path, query, authorized)
+        owner = f"{principal.issuer}\n{principal.subject}"  # whose share of slurmrestd's connections it takes
+        outgoing = await _outgoing(request, receive, limit, path, query, authorized, owner)
         runtime.trail.check_room()  # fail closed before slurmrestd acts, not after
         with record.upstream_timer():
             result = await runtime.upstream.forward(outgoing, account.name)
@@ -112,17 +120,17 @@ def _note_account(record: AuditRecord, account: LocalAccount) -> None:
 
 
 async def _outgoing(
-    request: Incoming, receive: Receive, limit: int, path: str, query: bytes, authorized: Authorized
+    request: Incoming, receive: Receive, limit: int, path: str, query: bytes, authorized: Authorized, owner: str
 ) -> Outgoing:
-    body: bytes | AsyncIterator[bytes] | None
+    body: bytes | None
     length: str | None
     content_type = None
     if authorized.body is not None:  # a job request: exactly the body the policy checked, as the JSON it is
         body, length, content_type = authorized.body, str(len(authorized.body)), JSON
     else:
-        body, length = await forwarded_body(request, receive, limit)
+        body, length = await forwarded_body(request, receive, limit, path)
     headers = list(request.headers)
-    return Outgoing(request.method, path, query, headers, body, length, request.request_id, content_type)
+    return Outgoing(request.method, path, query, headers, body, length, request.request_id, content_type, owner)
 
 
 async def _answer(record: AuditRecord, result: ShieldResult, authorized: Authorized) -> Reply:

@@ -31,7 +31,8 @@ READINESS_TIMEOUT_SECONDS = 2.0
 class Outgoing:
     """A request to forward: the canonical path, the client's headers (the header policy is applied here),
     the body (bytes, streamed, or None) and the Content-Length to send with it; ``content_type``, when
-    set, replaces the client's (job bodies: the proxy checked JSON, so it says JSON)."""
+    set, replaces the client's (job bodies: the proxy checked JSON, so it says JSON); ``owner``, when
+    set, counts against ``upstream.max_connections_per_identity``."""
 
     method: str
     path: str
@@ -41,6 +42,7 @@ class Outgoing:
     length: str | None
     request_id: str
     content_type: str | None = None
+    owner: str | None = None  # the identity whose share of slurmrestd's connections this request takes
 
 
 class Upstream:
@@ -92,6 +94,7 @@ class Upstream:
                 query=request.query,
                 headers=headers,
                 content=request.body,
+                owner=request.owner,
             )
             try:
                 await self.auth_check.check(response, path=request.path, user=account, headers=credential)
