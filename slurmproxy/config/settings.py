@@ -180,6 +180,13 @@ class IssuerSettings(_Section):
         False,
         "tokens that are not JWTs are sent to this issuer's introspection endpoint; **at most one issuer** may set it",
     )
+    opaque_token_pattern: str | None = setting(
+        None,
+        "a regular expression (whole token) that this issuer's opaque tokens match, e.g. `[A-Za-z0-9_-]{43}`; "
+        "others get 401 `malformed_token` without an introspection. Default: 16 to 4096 token characters, and "
+        "not a broken JWT (`eyJ…`)",
+        shown="any plausible token",
+    )
     userinfo_endpoint: str | None = setting(
         None,
         "the userinfo endpoint URL; a discovered `http://` endpoint is refused for an `https://` issuer",
@@ -221,6 +228,16 @@ class IssuerSettings(_Section):
             raise ValueError(f"issuer must be an http(s) URL, got {value!r}")
         if legacy_checkin_issuer(value):
             raise ValueError(f"{value!r} is a retired EGI Check-in issuer; use `preset: egi-checkin` (or -demo, -dev)")
+        return value
+
+    @field_validator("opaque_token_pattern")
+    @classmethod
+    def _a_token_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from exc
         return value
 
     @field_validator("userinfo_endpoint", "introspection_endpoint", "jwks_uri")
@@ -295,6 +312,24 @@ class OidcSettings(_Section):
         "how long a refused token or a provider failure is remembered per token, and how long a failed key-set "
         "fetch is not retried",
         ge=0,
+    )
+    introspection_concurrency: int = setting(
+        8,
+        "per worker: opaque tokens not seen before that are being introspected at once; beyond it 503 "
+        "`introspection_busy` ([the introspection budget](docs/operations.md#the-introspection-budget))",
+        ge=1,
+    )
+    introspection_per_second: float = setting(
+        10.0, "per worker: opaque tokens not seen before introspected per second, from everyone", gt=0
+    )
+    introspection_burst: int = setting(
+        20, "… and at most this many at once after a quiet spell; beyond: 503 `introspection_budget_exhausted`", ge=1
+    )
+    introspection_per_client_per_second: float = setting(
+        1.0, "per worker: opaque tokens not seen before introspected per second from one client address", gt=0
+    )
+    introspection_per_client_burst: int = setting(
+        10, "… and at most this many at once; beyond: 429 `introspection_rate_limited`", ge=1
     )
 
     @model_validator(mode="after")

@@ -6,6 +6,7 @@ report through its small API (documented in docs/operations.md, "Metrics"):
 * ``observe_request(outcome)``: once per request the proxy answered, from its audit record
   (:class:`~slurmproxy.audit.AuditTrail` calls it when it writes the record);
 * ``cache_lookup(cache, hit)``: a lookup in a cache (``token``, ``alise``, ``shield``);
+* ``introspection_refused(reason)``: a new opaque token refused by the introspection budget;
 * ``policy_load(ok, rules=...)``: the policy was loaded or reloaded (or failed to);
 * ``audit_write(ok)``: an audit record was written (or could not be);
 * ``transport(dependency)``: an httpx transport that counts and times every HTTP exchange.
@@ -108,6 +109,12 @@ class Metrics:
             registry=r,
         )
         self.cache = Counter("slurmproxy_cache_requests", "Cache lookups", ["cache", "result"], registry=r)
+        self.introspection_refusals = Counter(
+            "slurmproxy_introspection_refusals",
+            "Opaque tokens not seen before that were refused without introspection: the budget was spent",
+            ["reason"],
+            registry=r,
+        )
         self.audit_records = Counter("slurmproxy_audit_records", "Audit records written", registry=r)
         self.audit_failures = Counter("slurmproxy_audit_write_failures", "Audit records not written", registry=r)
         self.policy_loads = Counter("slurmproxy_policy_loads", "Policy loads and reloads", ["result"], registry=r)
@@ -151,6 +158,9 @@ class Metrics:
 
     def cache_lookup(self, cache: str, hit: bool) -> None:
         self._child(self.cache, cache, "hit" if hit else "miss").inc()
+
+    def introspection_refused(self, reason: str) -> None:
+        self._child(self.introspection_refusals, reason).inc()
 
     def policy_load(self, ok: bool, *, rules: int | None = None) -> None:
         self.policy_loads.labels("success" if ok else "failure").inc()

@@ -96,7 +96,7 @@ class ProxyEndpoint:
         check_body_allowed(request, path)
         content_type = single_content_type(request.headers)
 
-        principal = await runtime.tokens.authenticate(headers_named(request.headers, b"authorization"))
+        principal = await runtime.tokens.authenticate(headers_named(request.headers, b"authorization"), record.client)
         record.set_principal(principal)
 
         wanted = PolicyRequest(request.method, path, content_type, request.header(b"content-length"))
