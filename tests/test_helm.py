@@ -209,3 +209,19 @@ def test_network_policy_allows_dns_and_the_configured_peers(chart: helm.Chart) -
 def test_bad_values_are_refused_with_the_value_named(chart: helm.Chart, values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmError, match=message.replace("(", r"\(").replace(")", r"\)")):
         chart.render(values, name="hpc", namespace="slurm")
+
+
+def test_metrics_are_served_on_their_own_port(chart: helm.Chart) -> None:
+    """Issue 15, item 9: the Service's port never shows the metrics; Prometheus scrapes the pods' own."""
+    docs = render(chart, {})
+    config = yaml.safe_load(kinds(docs)["hpc-slurmproxy-config"]["data"]["config.yaml"])
+    assert config["metrics"]["port"] == 9090 and config["metrics"]["port"] != config["server"]["port"]
+    (container,) = pod_spec(docs)["containers"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8080, "metrics": 9090}
+    assert pod_spec_annotations(docs)["prometheus.io/port"] == "9090"
+    service_ports = kinds(docs)["Service"]["spec"]["ports"]
+    assert [p["targetPort"] for p in service_ports] == ["http"]
+    custom = render(chart, {"metrics": {"port": 9464}, "networkPolicy": {"enabled": True}})
+    assert pod_spec_annotations(custom)["prometheus.io/port"] == "9464"
+    ingress = kinds(custom)["NetworkPolicy"]["spec"]["ingress"]
+    assert {p["port"] for rule in ingress for p in rule["ports"]} == {"http", "metrics"}

@@ -616,6 +616,15 @@ class AuditSettings(_Section):
 class MetricsSettings(_Section):
     enabled: bool = setting(True, "serve Prometheus metrics ([docs/operations.md](docs/operations.md#metrics))")
     path: str = setting("/metrics", "where the metrics are served", pattern=r"^/[A-Za-z0-9/._\-]*$")
+    port: int | None = setting(
+        None,
+        "serve the metrics on a listener of their own at this TCP port (and no longer on the main port), for "
+        "Prometheus only; the Helm chart does ([docs/operations.md](docs/operations.md#metrics))",
+        shown="none: the main port",
+        ge=1,
+        le=65535,
+    )
+    host: str | None = setting(None, "where that listener binds", shown="= `server.host`")
     multiprocess_dir: ConfigPath | None = setting(
         None,
         "with several workers: where they keep their metric values (emptied at start)",
@@ -695,6 +704,12 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     shield: ShieldSettings = Field(default_factory=ShieldSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _metrics_port_is_its_own(self) -> Settings:
+        if self.metrics.port is not None and self.metrics.port == self.server.port:
+            raise ValueError(f"metrics.port must differ from server.port ({self.server.port})")
+        return self
 
     @model_validator(mode="after")
     def _discovery_user_is_safe(self) -> Settings:

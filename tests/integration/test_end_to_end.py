@@ -195,6 +195,10 @@ def test_slurmrestd_outage_is_502_and_recovers_without_restart(
 
 
 def test_readiness_reports_keys_and_upstream(proxy: ProxyServer, oidc: OidcProvider) -> None:
-    ready = call(proxy, "GET", "/_slurmproxy/ready")
+    ready = call(proxy, "GET", "/_slurmproxy/ready", token=oidc.client_credentials_token("alice-cli"))
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"]["issuers"] == {oidc.issuer: "keys loaded"}
+    anonymous = call(proxy, "GET", "/_slurmproxy/ready")  # issue 15, item 9: the status only
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready"}
+    outsider = call(proxy, "GET", "/_slurmproxy/ready", token=oidc.client_credentials_token("dave-cli"))
+    assert outsider.json() == {"status": "ready"}  # a valid token, but no rule admits dave

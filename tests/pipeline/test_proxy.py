@@ -202,7 +202,7 @@ async def test_live_and_ready(tmp_path: Path, httpx_mock: HTTPXMock, signer: Sig
     upstream.add_response(url=f"{UPSTREAM}/openapi/v3", json={"openapi": "3.0"})
     async with app_client(make_settings(tmp_path)) as client:
         assert (await client.get("/_slurmproxy/live")).json() == {"status": "ok"}
-        ready = await client.get("/_slurmproxy/ready")
+        ready = await client.get("/_slurmproxy/ready", headers={"Authorization": f"Bearer {signer.token()}"})
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"]["issuers"] == {ISSUER: "keys loaded"}
 
@@ -212,9 +212,34 @@ async def test_not_ready_when_upstream_is_down(
 ) -> None:
     upstream.add_exception("close", url=f"{UPSTREAM}/openapi/v3")
     async with app_client(make_settings(tmp_path)) as client:
-        ready = await client.get("/_slurmproxy/ready")
+        ready = await client.get("/_slurmproxy/ready", headers={"Authorization": f"Bearer {signer.token()}"})
     assert ready.status_code == 503
     assert "unreachable" in ready.json()["checks"]["upstream"]
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        pytest.param(None, id="no-token"),
+        pytest.param("Bearer not-a-jwt", id="bad-token"),
+        pytest.param("outsider", id="a-valid-token-no-rule-admits"),
+    ],
+)
+async def test_ready_tells_only_the_status_to_whoever_the_policy_does_not_admit(
+    tmp_path: Path, signer: Signer, upstream: Upstream, caplog: pytest.LogCaptureFixture, authorization: str | None
+) -> None:
+    """Issue 15, item 9: readiness details (the policy's loader errors with file paths and federated
+    subjects, slurmrestd's state) are not for anyone who can reach the port; the log has them."""
+    upstream.add_exception("close", url=f"{UPSTREAM}/openapi/v3")
+    if authorization == "outsider":
+        authorization = f"Bearer {signer.token(eduperson_entitlement=[OTHER_VO])}"
+    headers = {"Authorization": authorization} if authorization else {}
+    async with app_client(make_settings(tmp_path)) as client:
+        ready = await client.get("/_slurmproxy/ready", headers=headers)
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "not ready"}
+    logged = [r for r in caplog.records if r.name == "slurmproxy" and "readiness" in r.getMessage()]
+    assert logged and "unreachable" in logged[-1].getMessage() and logged[-1].levelname == "WARNING"
 
 
 async def test_provider_outage_is_503_json_for_a_checkin_token(

@@ -156,7 +156,7 @@ async def test_app_reloads_on_file_change_and_reports_a_broken_file(
         assert refused.json()["slurmproxy"]["reason"] == "operation_not_allowed"
         (tmp_path / "policies" / "policy.yaml").write_text("rules: [")
         await until(lambda: runtime.policy_reloader.status.failures == 1)
-        ready = (await client.get("/_slurmproxy/ready")).json()
+        ready = (await client.get("/_slurmproxy/ready", headers=headers)).json()
         still = await client.get("/slurm/v0.0.42/ping", headers=headers)
     details = ready["checks"]["policy"]
     assert details["status"].startswith("stale") and details["rules"] == 1
