@@ -605,6 +605,19 @@ class AuditSettings(_Section):
         "record subjects as a keyed hash (HMAC-SHA256) with the key in this file ([docs/audit.md](docs/audit.md))",
         shown="—",
     )
+    queue_size: int = setting(
+        1024,
+        "per worker: records waiting for the writer thread; a record beyond it is not written (the sink cannot "
+        "keep up) and, with `fail_closed`, its request refused ([docs/audit.md](docs/audit.md#sinks-and-rotation))",
+        ge=1,
+    )
+    write_timeout_seconds: float = setting(
+        5.0,
+        "longest a record waits for its write to start (a stalled stdout pipe, a hung disk); then it is withdrawn, "
+        "never written, and handled as a write failure",
+        gt=0,
+        le=300,
+    )
 
     @model_validator(mode="after")
     def _file_for_file_sink(self) -> AuditSettings:

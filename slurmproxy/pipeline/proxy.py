@@ -5,7 +5,8 @@ local account (``identity``) → forward (``upstream``) → record (``audit``) �
 
 Each stage returns a value or raises a refusal; only this module writes what they return into the
 audit record, and the record is written before the response starts, so a request the proxy answered
-always has its record. The client's credentials never reach slurmrestd.
+always has its record; a request that changes state also has its intent record, written before it is
+forwarded, so nothing slurmrestd does is without one. The client's credentials never reach slurmrestd.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from slurmproxy.web.request import (
 logger = logging.getLogger("slurmproxy.proxy")
 MAX_INSPECTED_RESPONSE = 1024 * 1024
 JSON = "application/json"  # the content type of every job body the proxy forwards: it checked JSON
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # these get an intent record before forwarding
 
 
 def job_id_from(body: bytes) -> int | None:
@@ -55,7 +57,7 @@ def job_id_from(body: bytes) -> int | None:
 
 async def finish(runtime: Runtime, record: AuditRecord, reply: Reply) -> Reply:
     """Write the record; if it cannot be written (fail-closed), the client gets the refusal instead."""
-    refusal = runtime.trail.finish(record)
+    refusal = await runtime.trail.finish(record)
     if refusal is None:
         return reply
     await reply.discard()
@@ -110,6 +112,8 @@ class ProxyEndpoint:
         owner = f"{principal.issuer}\n{principal.subject}"  # whose share of slurmrestd's connections it takes
         outgoing = await _outgoing(request, receive, limit, path, query, authorized, owner)
         runtime.trail.check_room()  # fail closed before slurmrestd acts, not after
+        if request.method in STATE_CHANGING:
+            await runtime.trail.intend(record)  # the record of what slurmrestd is asked to do, before it acts
         with record.upstream_timer():
             result = await runtime.upstream.forward(outgoing, account.name)
         return await _answer(record, result, authorized)

@@ -118,7 +118,9 @@ def two_issuer_proxy(
         {"issuer": oidc.issuer, "audiences": [PROXY_AUDIENCE]},
         {"issuer": short_lived.issuer, "audiences": [PROXY_AUDIENCE], "leeway_seconds": 0},
     ]
-    return proxy_factory(proxy_config(slurm, issuers), {"site.yaml": site_policy(oidc.issuer)})
+    # With two issuers, the rules name whose tokens they admit (issue 15, item 2).
+    policy = {**site_policy(oidc.issuer), "issuers": [oidc.issuer, short_lived.issuer]}
+    return proxy_factory(proxy_config(slurm, issuers), {"site.yaml": policy})
 
 
 def _tamper(token: str) -> str:

@@ -52,8 +52,15 @@ async def test_submit_is_forwarded_as_the_mapped_user(
     ]
     claims = jwt.decode(sent.headers["x-slurm-user-token"], OctKey.import_key(b"k" * 32), algorithms=["HS256"]).claims
     assert claims["sun"] == "alice"
-    (record,) = audit_lines(tmp_path)
-    assert record["decision"] == "allow"
+    intent, record = audit_lines(tmp_path)
+    assert (intent["kind"], intent["decision"], intent["status"], intent["request_id"]) == (
+        "intent",
+        "allow",
+        None,
+        "req-123",
+    )
+    assert (intent["local_user"], intent["rule"], intent["operation"]) == ("alice", "members", "submit")
+    assert record["kind"] == "outcome" and record["decision"] == "allow"
     assert record["job_id"] == 42
     assert record["local_user"] == "alice" and record["mapping"] == "table:users"
     assert record["rule"] == "members" and record["operation"] == "submit"
@@ -82,8 +89,10 @@ async def test_unmapped_subject_uses_service_account(
     ],
 )
 async def test_unauthenticated_requests_get_401(
-    tmp_path: Path, httpx_mock: HTTPXMock, headers: dict[str, str], reason: str, upstream: Upstream
+    tmp_path: Path, signer: Signer, headers: dict[str, str], reason: str, upstream: Upstream
 ) -> None:
+    # `signer` answers the key fetch the app starts in the background (whether it runs before the test
+    # ends depends on timing); the request itself makes none.
     async with app_client(make_settings(tmp_path)) as client:
         response = await client.get("/slurm/v0.0.38/jobs", headers=headers)
     assert response.status_code == 401
@@ -168,7 +177,7 @@ async def test_oversized_body_is_refused_before_forwarding(
     assert upstream.get_requests() == []
 
 
-async def test_bad_path_is_400_before_authentication(tmp_path: Path, httpx_mock: HTTPXMock) -> None:
+async def test_bad_path_is_400_before_authentication(tmp_path: Path, signer: Signer) -> None:
     async with app_client(make_settings(tmp_path)) as client:
         response = await client.get("/slurm/v0.0.38/%2e%2e/jobs")
     assert response.status_code == 400
