@@ -145,7 +145,9 @@ def _drain(fd: int, stop: threading.Event) -> None:
             stop.wait(0.01)
 
 
-async def test_a_stalled_pipe_never_blocks_the_event_loop(tmp_path: Path, signer: Signer, upstream: Upstream) -> None:
+async def test_a_stalled_pipe_never_blocks_the_event_loop(
+    tmp_path: Path, signer: Signer, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A sink that stops taking lines stalls one write (its request waits for it); the others fail closed
     within audit.write_timeout_seconds, and the loop keeps serving."""
     fifo = tmp_path / "audit.fifo"
@@ -153,7 +155,14 @@ async def test_a_stalled_pipe_never_blocks_the_event_loop(tmp_path: Path, signer
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a collector that is there, but does not read
     _fill(fifo)
     upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json={"jobs": []}, is_reusable=True)
-    progressed, stop, rescued = threading.Event(), threading.Event(), threading.Event()
+    entered, progressed, stop, rescued = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+    write = AuditFile.write
+
+    def observed(self: AuditFile, line: bytes) -> None:
+        entered.set()  # the write begins: into a full pipe, it blocks until the pipe is drained
+        write(self, line)
+
+    monkeypatch.setattr(AuditFile, "write", observed)
 
     def watchdog() -> None:
         # Were the loop blocked by the write, the test could not go on: drain after a while, so that
@@ -169,15 +178,15 @@ async def test_a_stalled_pipe_never_blocks_the_event_loop(tmp_path: Path, signer
     drainer: threading.Thread | None = None
     try:
         async with app_session(settings) as (client, _):
-            tasks = [asyncio.create_task(client.get("/slurm/v0.0.38/jobs", headers=headers)) for _ in range(2)]
-            done, pending = await asyncio.wait(tasks, timeout=60, return_when=asyncio.FIRST_COMPLETED)
-            (refused,) = [t.result() for t in done]  # the one whose record queued behind the stalled one
+            stalled = asyncio.create_task(client.get("/slurm/v0.0.38/jobs", headers=headers))
+            assert await asyncio.to_thread(entered.wait, 30), "the first record's write did not begin"
+            behind = await asyncio.wait_for(client.get("/slurm/v0.0.38/jobs", headers=headers), 60)
             live = await asyncio.wait_for(client.get("/_slurmproxy/live"), 30)
-            stalled_meanwhile = len(pending) == 1 and not rescued.is_set()
+            stalled_meanwhile = not stalled.done() and not rescued.is_set()
             progressed.set()
             drainer = threading.Thread(target=_drain, args=(reader, stop), daemon=True)
             drainer.start()
-            (answered,) = await asyncio.wait_for(asyncio.gather(*pending), 60)
+            answered = await asyncio.wait_for(stalled, 60)
     finally:
         progressed.set()
         stop.set()
@@ -186,6 +195,6 @@ async def test_a_stalled_pipe_never_blocks_the_event_loop(tmp_path: Path, signer
         guard.join(10)
         os.close(reader)
     assert stalled_meanwhile, "the loop waited for the stalled write"
-    assert refused.status_code == 503 and refused.json()["slurmproxy"]["reason"] == "audit_unavailable"
+    assert behind.status_code == 503 and behind.json()["slurmproxy"]["reason"] == "audit_unavailable"
     assert live.status_code == 200
     assert answered.status_code == 200
