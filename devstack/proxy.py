@@ -124,12 +124,27 @@ class ProxyServer:
         self.stop()
         return self.start()
 
-    def audit_records(self) -> list[dict[str, Any]]:
+    def audit_lines(self) -> list[dict[str, Any]]:
+        """Every record as written: a state-changing request's intent and outcome both."""
         try:
             text = self.audit_path.read_text()
         except FileNotFoundError:
             return []
         return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        """One record per answered request (the intents taken out), after checking that every outcome
+        record follows the intent record of its request: nothing slurmrestd did is without one."""
+        lines = self.audit_lines()
+        waiting: dict[str, int] = {}
+        for line in lines:
+            rid, kind = line["request_id"], line.get("kind", "request")
+            if kind == "intent":
+                waiting[rid] = waiting.get(rid, 0) + 1
+            elif kind == "outcome":
+                assert waiting.get(rid, 0) > 0, f"an outcome without its intent record: {line}"
+                waiting[rid] -= 1
+        return [line for line in lines if line.get("kind", "request") != "intent"]
 
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.log_path, lines)

@@ -19,6 +19,7 @@ the tests catch them the same way::
     ├── PayloadTooLargeError (413)
     ├── UnsupportedMediaTypeError (415)
     ├── RateLimitedError (429)            a rule's rate limit, or a pool's admission rate for new leases
+    │   └── ConcurrencyLimitedError       one identity holds its share of slurmrestd's connections
     ├── HeadersTooLargeError (431)
     ├── UpstreamError (502)               slurmrestd unreachable, broken, or it refused the proxy's credential
     │   ├── UpstreamConnectError          the connection could not be made
@@ -169,6 +170,16 @@ class UnsupportedMediaTypeError(ProxyError):
 class RateLimitedError(ProxyError):
     status_code = 429
     default_reason = "rate_limited"
+
+
+class ConcurrencyLimitedError(RateLimitedError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"you already have {limit} requests in progress at slurmrestd (upstream.max_connections_per_identity); "
+            "wait for one to finish",
+            reason="too_many_concurrent_requests",
+            headers={"Retry-After": "1"},
+        )
 
 
 class HeadersTooLargeError(ProxyError):

@@ -20,6 +20,7 @@ import httptools
 import httpx
 
 Behaviour = Literal["respond", "close", "hang", "garbage"]
+HOLD_SECONDS = 60.0
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Answer:
     optional: bool = False
     chunked: bool = False
     delay: float = 0.0
+    hold: threading.Event | None = None  # the answer waits until the test sets it (at most HOLD_SECONDS)
     used: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -127,6 +129,7 @@ class FakeSlurmrestd:
         is_optional: bool = False,
         chunked: bool = False,
         delay: float = 0.0,
+        hold: threading.Event | None = None,
     ) -> None:
         body = jsonlib.dumps(json).encode() if json is not None else (content or (text or "").encode())
         raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -144,6 +147,7 @@ class FakeSlurmrestd:
                 is_optional,
                 chunked,
                 delay,
+                hold,
             )
         )
 
@@ -226,6 +230,8 @@ class FakeSlurmrestd:
             return False
         if answer.delay:
             await asyncio.sleep(answer.delay)
+        if answer.hold is not None:
+            await asyncio.to_thread(answer.hold.wait, HOLD_SECONDS)
         if answer.behaviour == "hang":
             assert self._stopping is not None
             await self._stopping.wait()

@@ -8,8 +8,9 @@ import yaml
 from slurmproxy import __version__
 from slurmproxy.cli import EXIT_CONFIG, main
 from slurmproxy.config.settings import load_settings
+from slurmproxy.config.warnings import config_warnings
 from slurmproxy.pipeline.runtime import load_runtime_policy
-from tests.helpers import basic_policy, make_settings
+from tests.helpers import OTHER_VO, basic_policy, make_settings
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -53,6 +54,29 @@ def test_shipped_example_config_and_policy_are_valid() -> None:
     settings = load_settings(root / "examples" / "config.yaml")
     assert settings.oidc.issuers[0].issuer == "https://aai.egi.eu/auth/realms/egi"
     assert load_runtime_policy(settings).rules
+
+
+def test_shipped_examples_have_no_warnings() -> None:
+    """What the project ships is what admins copy: it must pass its own checks without a warning."""
+    root = Path(__file__).resolve().parent.parent
+    settings = load_settings(root / "examples" / "config.yaml")
+    assert load_runtime_policy(settings).warnings == ()
+    assert config_warnings(settings) == []
+
+
+def test_check_config_prints_the_policy_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = basic_policy()["rules"][0] | {
+        "id": "open-vo",
+        "entitlements": [OTHER_VO],
+        "mapping": [{"service_account": "svc-alpha"}],
+    }
+    policy = basic_policy(job={"accounts": ["a"]})
+    policy["rules"].append(other | {"job": {"accounts": ["b"]}})
+    make_settings(tmp_path, policy)
+    assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: local account svc-alpha is reachable from rules of different VOs" in out
+    assert "VO vo.example.org: members" in out and "VO vo.other.org: open-vo" in out
 
 
 def test_check_config_refuses_unconfigured_backends_and_unreadable_keys(

@@ -156,7 +156,7 @@ def test_the_rendered_config_and_policies_pass_the_proxys_own_check(
     monkeypatch.setenv("SLURMPROXY_UPSTREAM__JWT_KEY_FILE", str(tmp_path / "jwt.key"))
     monkeypatch.setenv("SLURMPROXY_AUDIT__PSEUDONYM_KEY_FILE", str(tmp_path / "pseudonym.key"))
     monkeypatch.setenv("SLURMPROXY_POLICY__PATHS", json.dumps([str(policies)]))
-    settings = validate_proxy_config(config)
+    settings, _ = validate_proxy_config(config)
     assert settings.server.workers == 2 and settings.audit.sink == "file"
     assert settings.state.backend == "shared" and settings.state.redis is not None
     assert [str(n) for n in settings.server.trusted_proxies] == ["10.0.0.0/8"]
@@ -258,3 +258,19 @@ def test_several_replicas_with_the_shared_state(chart: helm.Chart) -> None:
 def test_bad_values_are_refused_with_the_value_named(chart: helm.Chart, values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmError, match=message.replace("(", r"\(").replace(")", r"\)")):
         chart.render(values, name="hpc", namespace="slurm")
+
+
+def test_metrics_are_served_on_their_own_port(chart: helm.Chart) -> None:
+    """Issue 15, item 9: the Service's port never shows the metrics; Prometheus scrapes the pods' own."""
+    docs = render(chart, {})
+    config = yaml.safe_load(kinds(docs)["hpc-slurmproxy-config"]["data"]["config.yaml"])
+    assert config["metrics"]["port"] == 9090 and config["metrics"]["port"] != config["server"]["port"]
+    (container,) = pod_spec(docs)["containers"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8080, "metrics": 9090}
+    assert pod_spec_annotations(docs)["prometheus.io/port"] == "9090"
+    service_ports = kinds(docs)["Service"]["spec"]["ports"]
+    assert [p["targetPort"] for p in service_ports] == ["http"]
+    custom = render(chart, {"metrics": {"port": 9464}, "networkPolicy": {"enabled": True}})
+    assert pod_spec_annotations(custom)["prometheus.io/port"] == "9464"
+    ingress = kinds(custom)["NetworkPolicy"]["spec"]["ingress"]
+    assert {p["port"] for rule in ingress for p in rule["ports"]} == {"http", "metrics"}

@@ -3,6 +3,11 @@
 Used by ``slurmproxy audit`` (slurmproxy/commands/audit.py). Records are read as written; lines that
 are not ``slurmproxy.audit/1`` records (application log lines mixed into a container log, a torn
 last line) are skipped and counted, never an error.
+
+A request that changes state has two records: its intent, written before it was forwarded, and its
+outcome. :func:`settled` shows each request once: the outcome, or, for an intent whose outcome never
+came (the proxy stopped, or the outcome could not be written and went to the application log), the
+intent itself, at the end (``kind: intent``, ``status: null``: slurmrestd may have acted).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import sys
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,7 +26,7 @@ from slurmproxy.audit.file import rotated_files
 from slurmproxy.audit.record import SCHEMA, pseudonym
 
 Record = dict[str, Any]
-SUMMARY_DIMENSIONS = ("decision", "status", "vo", "subject", "local_user", "rule", "reason")
+SUMMARY_DIMENSIONS = ("decision", "status", "vo", "subject", "local_user", "rule", "reason", "kind")
 
 
 def _open(path: Path) -> IO[str]:
@@ -85,6 +90,37 @@ class Reader:
                     yield record
 
 
+def kind_of(record: Record) -> str:
+    """``request``, ``intent`` or ``outcome``; records written before kinds existed are requests."""
+    return str(record.get("kind") or "request")
+
+
+def _request_key(record: Record) -> tuple[Any, ...]:
+    return tuple(record.get(name) for name in ("request_id", "method", "path", "issuer", "subject"))
+
+
+def settled(records: Iterable[Record]) -> Iterator[Record]:
+    """Each request once: an intent followed by its outcome is the outcome; an intent that never got one
+    comes at the end, as written. Intents are paired with outcomes of the same request id, method,
+    path and caller, oldest first (a client may reuse a request id)."""
+    pending: dict[tuple[Any, ...], deque[Record]] = {}
+    for record in records:
+        kind = kind_of(record)
+        if kind == "intent":
+            pending.setdefault(_request_key(record), deque()).append(record)
+            continue
+        if kind == "outcome":
+            key = _request_key(record)
+            waiting = pending.get(key)
+            if waiting:
+                waiting.popleft()
+                if not waiting:
+                    del pending[key]
+        yield record
+    unanswered = sorted((r for waiting in pending.values() for r in waiting), key=lambda r: str(r.get("time", "")))
+    yield from unanswered
+
+
 @dataclass
 class Query:
     since: datetime | None = None
@@ -140,6 +176,8 @@ class Query:
 
 
 def _key(record: Record, dimension: str) -> str:
+    if dimension == "kind":
+        return kind_of(record)
     value = record.get(dimension)
     if dimension == "subject" and value is not None:
         return f"{value} ({record.get('issuer')})"

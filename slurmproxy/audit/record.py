@@ -17,7 +17,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +29,7 @@ from slurmproxy.errors import ConfigError, ProxyError, RuleRef
 
 SCHEMA = "slurmproxy.audit/1"
 Decision = Literal["allow", "deny", "error"]
+Kind = Literal["request", "intent", "outcome"]
 MAX_LINE_BYTES = 4000  # below PIPE_BUF (4096): one write to a pipe is atomic
 MAX_VOS = 16
 MIN_KEY_BYTES = 16
@@ -69,6 +70,7 @@ class AuditRecord:
     latency_ms: float = 0.0
     upstream_ms: float | None = None
     served_from: Literal["upstream", "coalesced", "cache"] | None = None  # see shield.py; null if not forwarded
+    kind: Kind = "request"  # intent: before a state-changing request is forwarded; outcome: its final record
     started: float = field(default_factory=time.perf_counter, repr=False)
 
     @classmethod
@@ -119,6 +121,14 @@ class AuditRecord:
         if error.upstream_status is not None:
             self.upstream_status = error.upstream_status
 
+    def intent(self) -> AuditRecord:
+        """The intent record of this request, as it is about to be forwarded: who, as whom, what, by which
+        rule; allowed, with no status yet (its outcome record, with the same request id, follows)."""
+        intent = replace(self, kind="intent")
+        intent.allow(0)
+        intent.upstream_status, intent.upstream_ms, intent.served_from = None, None, None
+        return intent
+
     @contextmanager
     def upstream_timer(self) -> Iterator[None]:
         """Times the call to slurmrestd (until its response headers), whether it succeeds or not."""
@@ -137,6 +147,8 @@ class AuditRecord:
             data["mapping_detail"] = dict(data["mapping_detail"])
         if data["job_id"] is None:
             data["job_id"] = job_id_in_path(self.path)
+        if self.kind == "intent":
+            data["status"] = None  # not answered yet
         for name, limit in _LIMITS.items():
             if isinstance(data[name], str):
                 data[name] = data[name][:limit]

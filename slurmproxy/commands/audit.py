@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
-from slurmproxy.audit.query import Query, Reader, Record, Summary, audit_files
+from slurmproxy.audit.query import Query, Reader, Record, Summary, audit_files, kind_of, settled
 from slurmproxy.audit.record import read_pseudonym_key
 from slurmproxy.commands import EXIT_CONFIG, EXIT_OK, add_config_argument
 from slurmproxy.config.settings import load_settings
@@ -29,7 +29,7 @@ from slurmproxy.errors import ConfigError
 FIELDS = [
     "time", "request_id", "decision", "status", "reason", "issuer", "subject", "vo", "vos", "entitlement", "rule",
     "operation", "mapping", "local_user", "mapping_detail", "method", "path", "job_id", "upstream_status", "client",
-    "peer", "user_agent", "detail", "latency_ms", "upstream_ms", "served_from", "schema",
+    "peer", "user_agent", "detail", "latency_ms", "upstream_ms", "served_from", "kind", "schema",
 ]  # fmt: skip
 """CSV columns: every field of the record schema (docs/audit.schema.json; a test keeps them equal)."""
 TABLE = [
@@ -45,6 +45,8 @@ class UsageError(Exception):
 
 def _cell(record: Record, name: str, width: int) -> str:
     value = record.get(name)
+    if name == "decision" and kind_of(record) == "intent":
+        value = "intent"  # forwarded, no outcome recorded: slurmrestd may have acted
     text = "-" if value is None else (" ".join(value) if isinstance(value, list) else str(value))
     if name == "time":
         text = text[:19].replace("T", " ")
@@ -158,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"slurmproxy audit: {exc.detail}", file=sys.stderr)
         return EXIT_CONFIG
     reader = Reader()
-    matching = (r for r in reader.records(paths) if query.matches(r))
+    read = reader.records(paths)
+    matching = (r for r in (read if args.raw else settled(read)) if query.matches(r))
     out: TextIO = sys.stdout
     try:
         if args.summary:
@@ -203,4 +206,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--pseudonym-key-file", type=Path, help="key to match --subject against pseudonyms")
     parser.add_argument("--format", choices=["table", "json", "csv"], default="table", help="default: table")
     parser.add_argument("--summary", action="store_true", help="counts per decision, status, VO, subject, user, rule")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="every record as written: a state-changing request's intent and outcome both (default: the outcome, "
+        "or the intent if no outcome was written)",
+    )
     parser.set_defaults(run=run)

@@ -57,13 +57,17 @@ def _policy(args: argparse.Namespace, settings: Settings | None) -> Policy:
     return policy
 
 
-def _describe_rule(n: int, rule: Any) -> list[str]:
+def _describe_rule(n: int, rule: Any, trusted: list[str] | None) -> list[str]:
     lines = [f"  {n}. {rule.id}  ({rule.source})"]
     if rule.description:
         lines.append(f"       {rule.description}")
     who = [str(r) for r in rule.requirements]
     if rule.issuers is not None:
         lines.append(f"       issuers: {', '.join(sorted(rule.issuers))}")
+    elif trusted is not None:
+        lines.append(f"       issuers: {', '.join(trusted)} (the configured issuer: the rule names none)")
+    else:
+        lines.append("       issuers: any configured issuer (the rule names none)")
     if rule.subjects is not None:
         lines.append(f"       subjects: {', '.join(sorted(rule.subjects))}")
     for name, values in rule.claims.items():
@@ -93,8 +97,9 @@ def check(args: argparse.Namespace) -> int:
     if settings is None:
         print("note: without --config, the issuers the rules name were not checked against the configuration")
     print("rules, in evaluation order (the first that admits the caller and allows the operation decides):")
+    trusted = [i.issuer for i in settings.oidc.issuers] if settings is not None else None
     for n, rule in enumerate(policy.rules, start=1):
-        print("\n".join(_describe_rule(n, rule)))
+        print("\n".join(_describe_rule(n, rule, trusted)))
     for warning in policy.warnings:
         print(f"warning: {warning}")
     return EXIT_OK

@@ -16,6 +16,7 @@ from typing import Any
 from slurmproxy.audit.record import read_pseudonym_key
 from slurmproxy.commands import EXIT_CONFIG, EXIT_OK, add_config_argument
 from slurmproxy.config.settings import Settings, load_settings, plain_http_refusal, unresolved_credentials
+from slurmproxy.config.warnings import config_warnings
 from slurmproxy.errors import ConfigError
 from slurmproxy.identity import check_identity_config
 from slurmproxy.pipeline.runtime import load_runtime_policy
@@ -24,8 +25,9 @@ from slurmproxy.tokens.claims import read_client_secrets
 from slurmproxy.upstream.credentials import credentials_from
 
 
-def validate(config: Path | None) -> Settings:
-    """Everything serve needs, checked; raises ConfigError (PolicyError and CredentialError among them)."""
+def validate(config: Path | None) -> tuple[Settings, list[str]]:
+    """Everything serve needs, checked, and the warnings about what is legal but probably unsafe (the
+    configuration's, then the policy's); raises ConfigError (PolicyError and CredentialError among them)."""
     settings = load_settings(config)
     unresolved = unresolved_credentials(settings)
     if unresolved:
@@ -33,7 +35,7 @@ def validate(config: Path | None) -> Settings:
             f"{', '.join(unresolved)}: named in $CREDENTIALS_DIRECTORY, which is not set. systemd sets it for a "
             "service with LoadCredential=; to check by hand, set it to a directory holding those files"
         )
-    load_runtime_policy(settings)
+    policy = load_runtime_policy(settings)
     credentials_from(settings.upstream)
     check_identity_config(settings.identity)
     check_state_config(settings)
@@ -47,11 +49,11 @@ def validate(config: Path | None) -> Settings:
     from slurmproxy.observability.tracing import check_tracing
 
     check_tracing(settings.tracing)
-    return settings
+    return settings, [*config_warnings(settings), *policy.warnings]
 
 
-def validated(config: Path | None) -> Settings | None:
-    """The settings, or None after printing why they are invalid."""
+def validated(config: Path | None) -> tuple[Settings, list[str]] | None:
+    """The settings and their warnings, or None after printing why they are invalid."""
     try:
         return validate(config)
     except ConfigError as exc:
@@ -86,9 +88,10 @@ def listen_options(settings: Settings, args: argparse.Namespace) -> dict[str, An
 
 
 def serve(args: argparse.Namespace) -> int:
-    settings = validated(args.config)
-    if settings is None:
+    checked = validated(args.config)
+    if checked is None:
         return EXIT_CONFIG
+    settings, _ = checked  # the warnings are logged by every worker as it starts (pipeline.runtime)
     listen = listen_options(settings, args)
     refusal = plain_http_refusal(listen.get("host"), settings.server)
     if refusal is not None:  # --host names another address than the file: the same rule applies
@@ -118,11 +121,14 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    settings = validated(args.config)
-    if settings is None:
+    checked = validated(args.config)
+    if checked is None:
         return EXIT_CONFIG
+    settings, warnings = checked
     paths = ", ".join(str(p) for p in settings.policy.paths)
     print(f"configuration OK: {len(settings.oidc.issuers)} issuer(s), policy from {paths}")
+    for warning in warnings:
+        print(f"warning: {warning}")
     return EXIT_OK
 
 

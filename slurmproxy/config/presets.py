@@ -7,6 +7,11 @@ JWTs with ``typ: Bearer`` and neither ``aud`` nor entitlements; ``eduperson_enti
 ``voperson_id`` are released only at userinfo and introspection. So the presets read both from
 userinfo, take the subject from ``voperson_id`` (the Community User Identifier that replaces
 ``sub``) and fall back to ``sub`` when the token's scopes did not release it.
+
+Without ``aud``, a Check-in token does not say which service it is for: a preset cannot know the
+site's clients, so the replay-safe setting is written next to it, ``clients: [...]`` (the ``azp`` of
+the tools meant to call the proxy); ``check-config`` warns while neither ``clients`` nor
+``audiences`` is set.
 """
 
 from __future__ import annotations

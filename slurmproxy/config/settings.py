@@ -258,6 +258,18 @@ class IssuerSettings(_Section):
         "if set, `aud` must contain one of them (for opaque tokens: the introspection answer's `aud`)",
         shown="none",
     )
+    clients: tuple[str, ...] = setting(
+        (),
+        "if set, the client the token was issued to (`azp`, `client_id`; for opaque tokens the introspection "
+        "answer's `client_id`) must be one of them, else 401 `wrong_client`: with no `audiences` either, any "
+        "relying party of the issuer that holds a user's token could replay it here (`check-config` warns)",
+        shown="none",
+    )
+    require_at_jwt: bool = setting(
+        False,
+        "the JOSE header's `typ` must be `at+jwt` (RFC 9068), else 401 `wrong_token_type`: for issuers that type "
+        "their JWT access tokens so (Check-in does not: its header says `JWT`)",
+    )
     algorithms: tuple[str, ...] = setting(
         ("RS256", "ES256"), "allowed JWS algorithms; asymmetric only (`none` and `HS*` are refused at load)"
     )
@@ -286,6 +298,13 @@ class IssuerSettings(_Section):
     accept_opaque_tokens: bool = setting(
         False,
         "tokens that are not JWTs are sent to this issuer's introspection endpoint; **at most one issuer** may set it",
+    )
+    opaque_token_pattern: str | None = setting(
+        None,
+        "a regular expression (whole token) that this issuer's opaque tokens match, e.g. `[A-Za-z0-9_-]{43}`; "
+        "others get 401 `malformed_token` without an introspection. Default: 16 to 4096 token characters, and "
+        "not a broken JWT (`eyJ…`)",
+        shown="any plausible token",
     )
     userinfo_endpoint: str | None = setting(
         None,
@@ -328,6 +347,16 @@ class IssuerSettings(_Section):
             raise ValueError(f"issuer must be an http(s) URL, got {value!r}")
         if legacy_checkin_issuer(value):
             raise ValueError(f"{value!r} is a retired EGI Check-in issuer; use `preset: egi-checkin` (or -demo, -dev)")
+        return value
+
+    @field_validator("opaque_token_pattern")
+    @classmethod
+    def _a_token_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from exc
         return value
 
     @field_validator("userinfo_endpoint", "introspection_endpoint", "jwks_uri")
@@ -403,6 +432,24 @@ class OidcSettings(_Section):
         "fetch is not retried",
         ge=0,
     )
+    introspection_concurrency: int = setting(
+        8,
+        "per worker: opaque tokens not seen before that are being introspected at once; beyond it 503 "
+        "`introspection_busy` ([the introspection budget](docs/operations.md#the-introspection-budget))",
+        ge=1,
+    )
+    introspection_per_second: float = setting(
+        10.0, "per worker: opaque tokens not seen before introspected per second, from everyone", gt=0
+    )
+    introspection_burst: int = setting(
+        20, "… and at most this many at once after a quiet spell; beyond: 503 `introspection_budget_exhausted`", ge=1
+    )
+    introspection_per_client_per_second: float = setting(
+        1.0, "per worker: opaque tokens not seen before introspected per second from one client address", gt=0
+    )
+    introspection_per_client_burst: int = setting(
+        10, "… and at most this many at once; beyond: 429 `introspection_rate_limited`", ge=1
+    )
 
     @model_validator(mode="after")
     def _unique_issuers(self) -> OidcSettings:
@@ -444,6 +491,13 @@ class UpstreamSettings(_Section):
         16,
         "pooled keep-alive connections to slurmrestd per worker; requests beyond it wait for a free connection "
         "(slurmrestd serves a few threads, more connections only queue there)",
+        ge=1,
+    )
+    max_connections_per_identity: int = setting(
+        4,
+        "per worker: most of those connections one identity (issuer + subject) may hold at once, from sending "
+        "its request to the end of slurmrestd's answer; beyond it, 429 `too_many_concurrent_requests` with "
+        "`Retry-After` (so that one caller's slow requests cannot take every connection)",
         ge=1,
     )
     keepalive_seconds: float = setting(
@@ -597,9 +651,17 @@ class IdentitySettings(_Section):
     slurm_user: str = setting("slurm", "the cluster's SlurmUser; never mapped to")
     denied_users: tuple[str, ...] = setting(("root",), "further accounts never mapped to")
     require_local_account: bool = setting(
-        False,
-        "refuse accounts missing from this host's user database. Set it when the proxy runs on a host with the "
-        "cluster's users: Slurm accepts a token for an unknown user and queues the job as `nobody` forever",
+        True,
+        "refuse (403 `account_unknown`) accounts missing from this host's user database, whose uid cannot be "
+        "checked (a cluster's `slurmdbd`, `mysql`, a uid-0 alias), unless `unknown_accounts` names them; `false` "
+        "passes every such name on unchecked (`check-config` warns)",
+    )
+    unknown_accounts: str | None = setting(
+        None,
+        "a regular expression (whole name): accounts that may be used although this host cannot look them up, "
+        "for a proxy whose host or container lacks the cluster's users, e.g. `svc-[a-z]+|pool[0-9]{3}`; their "
+        "uid is not checked ([docs/identity.md](docs/identity.md#safety-every-answer-passes-the-guard))",
+        shown="none",
     )
     alise: dict[str, AliseSettings] = setting(
         default_factory=dict, description="ALISE services by name (below)", shown="none"
@@ -613,6 +675,16 @@ class IdentitySettings(_Section):
         "shared` the leases are in PostgreSQL instead)",
         shown="none (required with pools)",
     )
+
+    @field_validator("unknown_accounts")
+    @classmethod
+    def _a_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from exc
+        return value
 
     @model_validator(mode="after")
     def _pools_consistent(self) -> IdentitySettings:
@@ -668,6 +740,19 @@ class AuditSettings(_Section):
         "record subjects as a keyed hash (HMAC-SHA256) with the key in this file ([docs/audit.md](docs/audit.md))",
         shown="—",
     )
+    queue_size: int = setting(
+        1024,
+        "per worker: records waiting for the writer thread; a record beyond it is not written (the sink cannot "
+        "keep up) and, with `fail_closed`, its request refused ([docs/audit.md](docs/audit.md#sinks-and-rotation))",
+        ge=1,
+    )
+    write_timeout_seconds: float = setting(
+        5.0,
+        "longest a record waits for its write to start (a stalled stdout pipe, a hung disk); then it is withdrawn, "
+        "never written, and handled as a write failure",
+        gt=0,
+        le=300,
+    )
 
     @model_validator(mode="after")
     def _file_for_file_sink(self) -> AuditSettings:
@@ -679,6 +764,15 @@ class AuditSettings(_Section):
 class MetricsSettings(_Section):
     enabled: bool = setting(True, "serve Prometheus metrics ([docs/operations.md](docs/operations.md#metrics))")
     path: str = setting("/metrics", "where the metrics are served", pattern=r"^/[A-Za-z0-9/._\-]*$")
+    port: int | None = setting(
+        None,
+        "serve the metrics on a listener of their own at this TCP port (and no longer on the main port), for "
+        "Prometheus only; the Helm chart does ([docs/operations.md](docs/operations.md#metrics))",
+        shown="none: the main port",
+        ge=1,
+        le=65535,
+    )
+    host: str | None = setting(None, "where that listener binds", shown="= `server.host`")
     multiprocess_dir: ConfigPath | None = setting(
         None,
         "with several workers: where they keep their metric values (emptied at start)",
@@ -938,6 +1032,12 @@ class Settings(BaseSettings):
     shield: ShieldSettings = Field(default_factory=ShieldSettings)
     state: StateSettings = Field(default_factory=StateSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _metrics_port_is_its_own(self) -> Settings:
+        if self.metrics.port is not None and self.metrics.port == self.server.port:
+            raise ValueError(f"metrics.port must differ from server.port ({self.server.port})")
+        return self
 
     @model_validator(mode="after")
     def _discovery_user_is_safe(self) -> Settings:

@@ -118,6 +118,10 @@ class SingleFlightCache(Generic[K, V]):
     def in_flight(self) -> int:
         return len(self._flight)
 
+    def computing(self, key: K) -> bool:
+        """Whether ``key`` is being computed now (a caller of :meth:`compute` would join it)."""
+        return key in self._flight
+
     def get(self, key: K) -> V | None:
         """The cached value, None on a miss; raises a cached failure."""
         try:

@@ -64,7 +64,8 @@ def canonical_path(raw: bytes) -> str:
 def check_query(query: bytes) -> bytes:
     if not _QUERY_OK.fullmatch(query):
         raise BadRequestError("the query string has characters that are not printable ASCII", reason="bad_query")
-    for part in query.split(b"&"):
+    # Both separators: `;` separated parameters in HTML 4 and still does in many query parsers.
+    for part in re.split(rb"[&;]", query):
         name = unquote_plus(part.split(b"=", 1)[0].decode("ascii")).strip().lower()
         if name in TOKEN_PARAMETERS:
             raise BadRequestError(

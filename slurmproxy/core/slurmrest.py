@@ -91,6 +91,22 @@ def job_request(method: str, path: str) -> JobRequest | None:
     return JobRequest(kind, match.group("version"))
 
 
+_BULK_SIGNAL = re.compile(r"/slurm/v0\.0\.[0-9]{2}/jobs/?")
+
+
+def takes_body(method: str, path: str) -> bool:
+    """Whether slurmrestd reads a request body for this method and path.
+
+    GET, HEAD and OPTIONS never have one; DELETE only for the bulk signal ``DELETE /slurm/<v>/jobs``
+    (a ``kill_jobs_msg``, since Slurm 23.11.6); POST, PUT and PATCH may.
+    """
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return False
+    if method == "DELETE":
+        return _BULK_SIGNAL.fullmatch(path) is not None
+    return True
+
+
 def job_id_in_path(path: str) -> int | None:
     """The job a path names (``/slurm/v0.0.42/job/4711`` → 4711; an array task names its array job)."""
     match = _JOB_IN_PATH.fullmatch(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import pwd
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,7 @@ class AccountGuard:
         self._lookup = lookup
         self._denied = {"root", settings.slurm_user, *settings.denied_users}
         self._uids: TTLCache[str, int | None] = TTLCache(maxsize=4096, ttl=_PASSWD_CACHE_SECONDS)
+        self._unknown_ok = re.compile(settings.unknown_accounts) if settings.unknown_accounts is not None else None
         self._slurm_uid: int | None = None
 
     async def _uid(self, name: str) -> int | None:
@@ -68,9 +70,12 @@ class AccountGuard:
             raise IdentityMappingError(f"local account {name!r} is refused: it is {what}", reason="account_refused")
         uid = await self._uid(name)
         if uid is None:
-            if self._settings.require_local_account:
+            named = self._unknown_ok is not None and self._unknown_ok.fullmatch(name) is not None
+            if self._settings.require_local_account and not named:
                 raise IdentityMappingError(
-                    f"local account {name!r} does not exist on this host", reason="account_unknown"
+                    f"local account {name!r} does not exist on this host, so its uid cannot be checked (list the "
+                    "accounts this host cannot look up in identity.unknown_accounts)",
+                    reason="account_unknown",
                 )
             return LocalAccount(name, source, None, detail)
         if uid == 0:

@@ -8,6 +8,7 @@ report through its small API (documented in docs/operations.md, "Metrics"):
 * ``cache_lookup(cache, hit)``: a lookup in a cache (``token``, ``alise``, ``shield``);
 * ``state_call(backend, seconds)``, ``state_error(backend, use, kind)``, ``state_fallback(use)``: the
   shared state (``slurmproxy.state``) answered, failed, or a request was decided without it;
+* ``introspection_refused(reason)``: a new opaque token refused by the introspection budget;
 * ``policy_load(ok, rules=...)``: the policy was loaded or reloaded (or failed to);
 * ``audit_write(ok)``: an audit record was written (or could not be);
 * ``transport(dependency)``: an httpx transport that counts and times every HTTP exchange.
@@ -110,6 +111,12 @@ class Metrics:
             registry=r,
         )
         self.cache = Counter("slurmproxy_cache_requests", "Cache lookups", ["cache", "result"], registry=r)
+        self.introspection_refusals = Counter(
+            "slurmproxy_introspection_refusals",
+            "Opaque tokens not seen before that were refused without introspection: the budget was spent",
+            ["reason"],
+            registry=r,
+        )
         self.audit_records = Counter("slurmproxy_audit_records", "Audit records written", registry=r)
         self.audit_failures = Counter("slurmproxy_audit_write_failures", "Audit records not written", registry=r)
         self.policy_loads = Counter("slurmproxy_policy_loads", "Policy loads and reloads", ["result"], registry=r)
@@ -172,6 +179,9 @@ class Metrics:
 
     def cache_lookup(self, cache: str, hit: bool) -> None:
         self._child(self.cache, cache, "hit" if hit else "miss").inc()
+
+    def introspection_refused(self, reason: str) -> None:
+        self._child(self.introspection_refusals, reason).inc()
 
     def policy_load(self, ok: bool, *, rules: int | None = None) -> None:
         self.policy_loads.labels("success" if ok else "failure").inc()

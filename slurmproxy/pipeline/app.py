@@ -3,14 +3,17 @@
 The proxy's own endpoints live under ``/_slurmproxy/`` (never a slurmrestd path):
 
 * ``/_slurmproxy/live``: liveness, no I/O;
-* ``/_slurmproxy/ready``: readiness with details: keys loaded for every issuer, policy loaded (and
-  whether the last reload failed), slurmrestd answering;
+* ``/_slurmproxy/ready``: readiness: keys loaded for every issuer, policy loaded (and whether the
+  last reload failed), slurmrestd answering. Everyone gets the status; only a caller whose token a
+  rule of the policy admits gets the details (they name files, subjects and slurmrestd's state),
+  and every change of them is logged;
 * ``/_slurmproxy/whoami``: who the proxy thinks the caller is, and what they may do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -28,15 +31,18 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from slurmproxy.config.settings import Settings, load_settings
-from slurmproxy.errors import DependencyError
+from slurmproxy.errors import DependencyError, ProxyError
 from slurmproxy.observability.logs import configure_logging
 from slurmproxy.pipeline.proxy import ProxyEndpoint
 from slurmproxy.pipeline.runtime import Runtime, open_runtime
 from slurmproxy.pipeline.traced import TracedEndpoint, instrument
 from slurmproxy.pipeline.whoami import WhoamiEndpoint, policy_details
+from slurmproxy.policy.rules import admitting
 from slurmproxy.tokens.provider import ProviderClient
 from slurmproxy.web.deadlines import BodyDeadline
+from slurmproxy.web.metrics_listener import MetricsListener
 from slurmproxy.web.replies import json_response
+from slurmproxy.web.request import Incoming, headers_named
 
 logger = logging.getLogger("slurmproxy")
 CONFIG_ENV = "SLURMPROXY_CONFIG"
@@ -61,12 +67,36 @@ async def _keys_loaded(runtime: Runtime) -> dict[str, str]:
     return result
 
 
+async def _may_see_details(request: Request, runtime: Runtime) -> bool:
+    """Whether the caller's token is valid and a rule of the policy in force admits them."""
+    headers = headers_named(request.scope["headers"], b"authorization")
+    if not headers:
+        return False
+    client = Incoming.of(request.scope, runtime.settings.server).record(runtime.settings.server).client
+    try:
+        principal = await runtime.tokens.authenticate(headers, client)
+    except ProxyError:
+        return False
+    return next(admitting(runtime.policy, principal), None) is not None
+
+
+def _log_change(cache: dict[str, Any], body: dict[str, Any]) -> None:
+    """The details, in the log whenever they change (not at every probe)."""
+    text = json.dumps(body, sort_keys=True, default=str)
+    if cache.get("logged") == text:
+        return
+    cache["logged"] = text
+    level = logging.INFO if body["status"] == "ready" else logging.WARNING
+    logger.log(level, "readiness: %s: %s", body["status"], text)
+
+
 async def ready(request: Request) -> Response:
     runtime: Runtime = request.state.runtime
     cache: dict[str, Any] = request.state.ready_cache
+    details = await _may_see_details(request, runtime)
     now = time.monotonic()
     if cache.get("until", 0.0) > now:
-        return json_response(cache["body"], cache["status"])
+        return json_response(cache["body"] if details else {"status": cache["body"]["status"]}, cache["status"])
     upstream_ok, upstream_detail = await runtime.upstream.answers()
     keys = await _keys_loaded(runtime)
     keys_ok = all(v == "keys loaded" for v in keys.values()) and bool(keys)
@@ -81,7 +111,8 @@ async def ready(request: Request) -> Response:
     }
     status = 200 if upstream_ok and keys_ok else 503
     cache.update(until=now + _READY_CACHE_SECONDS, body=body, status=status)
-    return json_response(body, status)
+    _log_change(cache, body)
+    return json_response(body if details else {"status": body["status"]}, status)
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -89,8 +120,29 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(await run_in_threadpool(runtime.metrics.render), media_type=CONTENT_TYPE_LATEST)
 
 
+def on_main_port(settings: Settings) -> bool:
+    """Whether the main port serves the metrics (enabled, and no ``metrics.port`` of their own)."""
+    return settings.metrics.enabled and settings.metrics.port is None
+
+
 def metrics_routes(settings: Settings) -> list[Route]:
-    return [Route(settings.metrics.path, metrics_endpoint, methods=["GET"])] if settings.metrics.enabled else []
+    return [Route(settings.metrics.path, metrics_endpoint, methods=["GET"])] if on_main_port(settings) else []
+
+
+@asynccontextmanager
+async def metrics_listener(settings: Settings, runtime: Runtime) -> AsyncIterator[MetricsListener | None]:
+    """The metrics' own listener, while the app runs, if ``metrics.port`` asks for one."""
+    if not settings.metrics.enabled or settings.metrics.port is None:
+        yield None
+        return
+    listener = MetricsListener(
+        runtime.metrics.render, settings.metrics.path, header_timeout=settings.server.header_timeout_seconds
+    )
+    await listener.start(settings.metrics.host or settings.server.host, settings.metrics.port)
+    try:
+        yield listener
+    finally:
+        await listener.aclose()
 
 
 async def _warm(runtime: Runtime) -> None:
@@ -132,7 +184,7 @@ def create_app(settings: Settings | None = None) -> SlurmProxyApp:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        async with open_runtime(final_settings) as runtime:
+        async with open_runtime(final_settings) as runtime, metrics_listener(final_settings, runtime):
             if runtime.tracing is not None:
                 instrument(runtime, runtime.tracing)
             # Load keys in the background: readiness reports them; a provider outage must not block start-up.
@@ -157,4 +209,4 @@ def create_app(settings: Settings | None = None) -> SlurmProxyApp:
     own = Starlette(routes=routes, lifespan=lifespan)
     # Targets no route matches (a decoded CR/LF in the path, "*") still get the proxy's JSON 400 and a record.
     own.router.default = proxy
-    return SlurmProxyApp(own, proxy, final_settings.metrics.path if final_settings.metrics.enabled else None)
+    return SlurmProxyApp(own, proxy, final_settings.metrics.path if on_main_port(final_settings) else None)

@@ -5,14 +5,14 @@ local account (``identity``) → forward (``upstream``) → record (``audit``) �
 
 Each stage returns a value or raises a refusal; only this module writes what they return into the
 audit record, and the record is written before the response starts, so a request the proxy answered
-always has its record. The client's credentials never reach slurmrestd.
+always has its record; a request that changes state also has its intent record, written before it is
+forwarded, so nothing slurmrestd does is without one. The client's credentials never reach slurmrestd.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 
 from starlette.types import Receive, Scope, Send
 
@@ -26,10 +26,19 @@ from slurmproxy.policy import Authorized, PolicyRequest
 from slurmproxy.upstream import Outgoing
 from slurmproxy.upstream.shield import ShieldResult
 from slurmproxy.web.replies import Reply, error_reply, reply_from
-from slurmproxy.web.request import Incoming, forwarded_body, headers_named, read_body
+from slurmproxy.web.request import (
+    Incoming,
+    check_body_allowed,
+    forwarded_body,
+    headers_named,
+    read_body,
+    single_content_type,
+)
 
 logger = logging.getLogger("slurmproxy.proxy")
 MAX_INSPECTED_RESPONSE = 1024 * 1024
+JSON = "application/json"  # the content type of every job body the proxy forwards: it checked JSON
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # these get an intent record before forwarding
 
 
 def job_id_from(body: bytes) -> int | None:
@@ -48,7 +57,7 @@ def job_id_from(body: bytes) -> int | None:
 
 async def finish(runtime: Runtime, record: AuditRecord, reply: Reply) -> Reply:
     """Write the record; if it cannot be written (fail-closed), the client gets the refusal instead."""
-    refusal = runtime.trail.finish(record)
+    refusal = await runtime.trail.finish(record)
     if refusal is None:
         return reply
     await reply.discard()
@@ -86,11 +95,13 @@ class ProxyEndpoint:
         path = canonical_path(request.raw_path)
         record.path = path
         query = check_query(request.query)
+        check_body_allowed(request, path)
+        content_type = single_content_type(request.headers)
 
-        principal = await runtime.tokens.authenticate(headers_named(request.headers, b"authorization"))
+        principal = await runtime.tokens.authenticate(headers_named(request.headers, b"authorization"), record.client)
         record.set_principal(principal)
 
-        wanted = PolicyRequest(request.method, path, request.header(b"content-type"), request.header(b"content-length"))
+        wanted = PolicyRequest(request.method, path, content_type, request.header(b"content-length"))
         authorized = await runtime.authorizer.authorize(principal, wanted, lambda: read_body(receive, limit))
         record.set_rule(authorized.ref)
 
@@ -98,8 +109,11 @@ class ProxyEndpoint:
         account = await runtime.mapper.map(authorized.policy, authorized.rule, principal)
         _note_account(record, account)
 
-        outgoing = await _outgoing(request, receive, limit, path, query, authorized)
+        owner = f"{principal.issuer}\n{principal.subject}"  # whose share of slurmrestd's connections it takes
+        outgoing = await _outgoing(request, receive, limit, path, query, authorized, owner)
         runtime.trail.check_room()  # fail closed before slurmrestd acts, not after
+        if request.method in STATE_CHANGING:
+            await runtime.trail.intend(record)  # the record of what slurmrestd is asked to do, before it acts
         with record.upstream_timer():
             result = await runtime.upstream.forward(outgoing, account.name)
         return await _answer(record, result, authorized)
@@ -110,15 +124,17 @@ def _note_account(record: AuditRecord, account: LocalAccount) -> None:
 
 
 async def _outgoing(
-    request: Incoming, receive: Receive, limit: int, path: str, query: bytes, authorized: Authorized
+    request: Incoming, receive: Receive, limit: int, path: str, query: bytes, authorized: Authorized, owner: str
 ) -> Outgoing:
-    body: bytes | AsyncIterator[bytes] | None
+    body: bytes | None
     length: str | None
-    if authorized.body is not None:  # a job request: exactly the body the policy checked
-        body, length = authorized.body, str(len(authorized.body))
+    content_type = None
+    if authorized.body is not None:  # a job request: exactly the body the policy checked, as the JSON it is
+        body, length, content_type = authorized.body, str(len(authorized.body)), JSON
     else:
-        body, length = await forwarded_body(request, receive, limit)
-    return Outgoing(request.method, path, query, list(request.headers), body, length, request.request_id)
+        body, length = await forwarded_body(request, receive, limit, path)
+    headers = list(request.headers)
+    return Outgoing(request.method, path, query, headers, body, length, request.request_id, content_type, owner)
 
 
 async def _answer(record: AuditRecord, result: ShieldResult, authorized: Authorized) -> Reply:

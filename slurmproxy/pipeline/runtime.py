@@ -9,6 +9,7 @@ ALISE's last-known answers to identity, the shared cache tier to the upstream's 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import httpx
 
 from slurmproxy.audit.log import AuditLog, AuditTrail
 from slurmproxy.config.settings import Settings
+from slurmproxy.config.warnings import config_warnings
 from slurmproxy.identity import IdentityMapper, check_policy_backends, open_identity
 from slurmproxy.observability.metrics import Metrics
 from slurmproxy.observability.tracing import Tracing, open_tracing
@@ -26,6 +28,8 @@ from slurmproxy.state import SharedState, open_state
 from slurmproxy.tokens import TokenValidator, build_validator
 from slurmproxy.tokens.provider import ProviderClient
 from slurmproxy.upstream import Upstream
+
+logger = logging.getLogger("slurmproxy")
 
 
 @dataclass
@@ -64,6 +68,10 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     metrics = Metrics()
     policy = load_runtime_policy(settings)
     metrics.policy_load(True, rules=len(policy.rules))
+    for warning in config_warnings(settings):
+        logger.warning("configuration: %s", warning)
+    for warning in policy.warnings:
+        logging.getLogger("slurmproxy.policy").warning("policy: %s", warning)
     async with open_state(settings, metrics) as state, _open_stages(settings, metrics, policy, state) as runtime:
         yield runtime
 

@@ -82,7 +82,9 @@ class WhoamiEndpoint:
         record = request.record(runtime.settings.server, operation="whoami")
         reply: Reply
         try:
-            principal = await runtime.tokens.authenticate(headers_named(request.headers, b"authorization"))
+            principal = await runtime.tokens.authenticate(
+                headers_named(request.headers, b"authorization"), record.client
+            )
             record.set_principal(principal)
             body = await describe(runtime, principal)
             record.local_user = body["account"]

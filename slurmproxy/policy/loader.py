@@ -12,7 +12,14 @@ from pydantic import ValidationError
 
 from slurmproxy.core.entitlements import EntitlementRequirement, requirement_from_string
 from slurmproxy.errors import PolicyError
-from slurmproxy.policy.checks import check_issuers, compile_job, digest_of, warnings_for
+from slurmproxy.policy.checks import (
+    check_issuers,
+    check_rule_issuers,
+    compile_job,
+    digest_of,
+    shared_account_warnings,
+    warnings_for,
+)
 from slurmproxy.policy.model import (
     AliseMap,
     EntitlementSpec,
@@ -273,6 +280,8 @@ def load_policy(paths: Iterable[Path], *, trusted_issuers: Iterable[str] | None 
             if spec.id in seen:
                 errors.append(f"{file}: rules[{index}] (id={spec.id}): id already used in {seen[spec.id]}")
             seen[spec.id] = file
+            where = f"{file}: rules[{index}] (id={spec.id})"
+            check_rule_issuers(spec, spec.issuers if spec.issuers is not None else pf.issuers, where, trusted, errors)
             rule = _compile_rule(spec, index, file, groups, tables, errors, pf.issuers)
             if rule is not None:
                 rules.append(rule)
@@ -285,5 +294,5 @@ def load_policy(paths: Iterable[Path], *, trusted_issuers: Iterable[str] | None 
         sources=tuple(str(f) for f in files),
         digest=digest_of(unique_inputs),
         inputs=tuple(str(f) for f in unique_inputs),
-        warnings=tuple(w for rule in rules for w in warnings_for(rule)),
+        warnings=(*(w for rule in rules for w in warnings_for(rule)), *shared_account_warnings(rules, trusted)),
     )

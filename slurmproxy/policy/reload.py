@@ -129,6 +129,8 @@ class PolicyReloader:
             policy.digest,
             "" if changed else " (unchanged)",
         )
+        for warning in policy.warnings:
+            logger.warning("policy: %s", warning)
 
     def _failed(self, errors: list[str], seen: Fingerprint, trigger: str) -> None:
         self._loaded = seen

@@ -3,6 +3,7 @@ and the readers of subject and entitlements. Pure functions: no I/O, the clock i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeGuard
 
@@ -12,7 +13,9 @@ ACCESS_TOKEN_TYPES = frozenset({"bearer", "access_token"})
 
 
 def is_number(value: Any) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite JSON number: Python's json reads ``NaN`` and ``Infinity``, and every comparison with NaN
+    is false, so an ``exp`` of NaN would never expire and an ``nbf`` of NaN would never be in the future."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_time_claims(claims: Mapping[str, Any], now: float, leeway: int, *, require_exp: bool = True) -> None:
@@ -33,6 +36,14 @@ def check_time_claims(claims: Mapping[str, Any], now: float, leeway: int, *, req
         raise AuthenticationError("the token was issued in the future (iat)", reason="token_issued_in_future")
 
 
+def check_jwt_subject(claims: Mapping[str, Any]) -> None:
+    """RFC 9068 §2.2: a JWT access token MUST have ``sub``. Checked before any provider call, so a token
+    without one is a 401 rather than, when userinfo fails, a 503."""
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        raise AuthenticationError("the token has no sub claim", reason="missing_subject")
+
+
 def check_audience(claims: Mapping[str, Any], audiences: Sequence[str]) -> None:
     if not audiences:
         return
@@ -41,6 +52,31 @@ def check_audience(claims: Mapping[str, Any], audiences: Sequence[str]) -> None:
     # RFC 7519 §4.1.3: the recipient MUST identify itself with a value in aud, else reject.
     if not any(isinstance(v, str) and v in audiences for v in values):
         raise AuthenticationError("the token is not meant for this service (aud)", reason="wrong_audience")
+
+
+def check_client(claims: Mapping[str, Any], clients: Sequence[str]) -> None:
+    """The client the token was issued to must be one of ``clients`` (if any are configured).
+
+    Keycloak names it ``azp``, RFC 9068 and RFC 7662 ``client_id``; every one present must be listed, so
+    two that disagree are refused.
+    """
+    if not clients:
+        return
+    named = [claims[name] for name in ("azp", "client_id") if name in claims]
+    if not named or not all(isinstance(c, str) and c in clients for c in named):
+        raise AuthenticationError(
+            "the token was issued to a client this service does not accept (azp, client_id)", reason="wrong_client"
+        )
+
+
+def check_header_type(header: Mapping[str, Any], require_at_jwt: bool) -> None:
+    """RFC 9068 §4: an access token's JOSE header says ``typ: at+jwt`` (RFC 7515 §4.1.9: the
+    ``application/`` prefix may be left out, and media types compare case-insensitively)."""
+    if not require_at_jwt:
+        return
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower().removeprefix("application/") != "at+jwt":
+        raise AuthenticationError("the token is not a JWT access token (typ at+jwt)", reason="wrong_token_type")
 
 
 def check_bearer(claims: Mapping[str, Any]) -> None:

@@ -2,9 +2,11 @@
 
 The order of checks is fixed and each failure has its own reason code (401 body and audit):
 header shape → size → cache → JWS structure → issuer is configured (before any network I/O) →
-algorithm is on that issuer's allow-list → key for ``kid`` → signature (joserfc) →
-``exp``/``nbf``/``iat`` → ``aud`` → ``typ`` → then, only for a verified token, the issuer's
-userinfo or introspection if the issuer's settings read subject or entitlements there.
+algorithm is on that issuer's allow-list → header ``typ`` (``require_at_jwt``) → key for ``kid`` →
+signature (joserfc) → ``exp``/``nbf``/``iat`` (finite numbers) → ``aud`` → client (``azp``,
+``client_id``) → ``typ`` claim → ``sub`` (RFC 9068) → then, only for a
+verified token, the issuer's userinfo or introspection if the issuer's settings read subject or
+entitlements there.
 
 A token that is not shaped like a JWT is opaque: it goes to the introspection endpoint of the one
 issuer configured with ``accept_opaque_tokens`` (never to any other), or is refused.
@@ -12,6 +14,7 @@ issuer configured with ``accept_opaque_tokens`` (never to any other), or is refu
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,10 +31,14 @@ from slurmproxy.core.flight import SingleFlightCache
 from slurmproxy.core.principal import Principal
 from slurmproxy.errors import AuthenticationError, ProxyError
 from slurmproxy.tokens.bearer import b64json, check_token_syntax, extract_bearer, jwt_header, token_digest
+from slurmproxy.tokens.budget import IntrospectionBudget, Ticket
 from slurmproxy.tokens.checks import (
     check_audience,
     check_bearer,
+    check_client,
+    check_header_type,
     check_introspected_type,
+    check_jwt_subject,
     check_jwt_type,
     check_time_claims,
     is_number,
@@ -43,6 +50,11 @@ if TYPE_CHECKING:
     from slurmproxy.observability.metrics import Metrics
 
 __all__ = ["TokenValidator", "build_validator", "make_principal"]
+
+# What an opaque token of an unknown format may look like: enough characters to be unguessable, not
+# absurdly many, and not a JWT whose header could not be read (``eyJ`` is base64url for ``{"``, and
+# a JWS has dots; a random opaque token may start with ``eyJ`` but then has no dot in its first part).
+_PLAUSIBLE_OPAQUE = re.compile(r"(?!eyJ[^.]*\.)[A-Za-z0-9\-._~+/]{16,4096}=*")
 
 
 def make_principal(settings: IssuerSettings, claims: Mapping[str, Any], identity: Identity, token: str) -> Principal:
@@ -105,6 +117,17 @@ class TokenValidator:
         self._sources = {issuer: ClaimSources(p, secrets.get(issuer)) for issuer, p in self._providers.items()}
         # Opaque tokens name no issuer: only the one issuer configured for them ever sees one.
         self._opaque = next((s for s in self._sources.values() if s.settings.accept_opaque_tokens), None)
+        pattern = self._opaque.settings.opaque_token_pattern if self._opaque is not None else None
+        self._opaque_shape = re.compile(pattern) if pattern is not None else _PLAUSIBLE_OPAQUE
+        self._budget = IntrospectionBudget(
+            concurrency=oidc.introspection_concurrency,
+            per_second=oidc.introspection_per_second,
+            burst=oidc.introspection_burst,
+            per_client_per_second=oidc.introspection_per_client_per_second,
+            per_client_burst=oidc.introspection_per_client_burst,
+            clock=clock,
+            refused=metrics.introspection_refused if metrics is not None else None,
+        )
         self._max_token_bytes = max_token_bytes
         self._clock = clock
         self._cache_seconds = oidc.token_cache_seconds
@@ -120,7 +143,9 @@ class TokenValidator:
     def sources(self) -> Mapping[str, ClaimSources]:
         return self._sources
 
-    async def authenticate(self, authorization: Sequence[str]) -> Principal:
+    async def authenticate(self, authorization: Sequence[str], client: str | None = None) -> Principal:
+        """The caller of the request with these Authorization headers; ``client`` (the client's address)
+        is charged for introspecting an opaque token not seen before (see :mod:`slurmproxy.tokens.budget`)."""
         token = extract_bearer(authorization, max_bytes=self._max_token_bytes, check_syntax=False)
         digest = token_digest(token)
         try:
@@ -140,8 +165,19 @@ class TokenValidator:
         self._count_lookup(hit=False)
         check_token_syntax(token)
         shape = self._shape(token)  # checks that need no I/O come first, outside the cache
-        validated = await self._cache.compute(digest, lambda: self._validate(token, shape))
+        if shape.alg is None and not self._cache.computing(digest):
+            # A new opaque token costs an introspection: within the budget, refused (and not remembered) beyond.
+            ticket = self._budget.admit(client)
+            validated = await self._cache.compute(digest, lambda: self._introspected(token, shape, ticket))
+        else:
+            validated = await self._cache.compute(digest, lambda: self._validate(token, shape))
         return validated.principal
+
+    async def _introspected(self, token: str, shape: _Shape, ticket: Ticket) -> tuple[_Validated, float]:
+        try:
+            return await self._validate(token, shape)
+        finally:
+            ticket.release()
 
     def _count_lookup(self, *, hit: bool) -> None:
         if self._metrics is not None:
@@ -162,6 +198,10 @@ class TokenValidator:
                 raise AuthenticationError(
                     "the token is not a JWT, and no issuer here accepts opaque tokens", reason="malformed_token"
                 )
+            if not self._opaque_shape.fullmatch(token):
+                raise AuthenticationError(
+                    "the token is neither a JWT nor shaped like this issuer's opaque tokens", reason="malformed_token"
+                )
             return _Shape(self._opaque.provider)
         unverified = b64json(parts[1], "payload")
         # Deny by default: only configured issuers are trusted, decided before any outbound request.
@@ -176,6 +216,7 @@ class TokenValidator:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise AuthenticationError("the token's key id is not a string", reason="malformed_token")
+        check_header_type(header, provider.settings.require_at_jwt)
         return _Shape(provider, alg, kid)
 
     async def _validate(self, token: str, shape: _Shape, now: float | None = None) -> tuple[_Validated, float]:
@@ -199,6 +240,7 @@ class TokenValidator:
         check_bearer(answer)
         check_time_claims(answer, now, settings.leeway_seconds, require_exp=False)
         check_audience(answer, settings.audiences)
+        check_client(answer, settings.clients)
         identity = await resolve(settings, sources, token, answer, introspection=answer)
         return _Validated(make_principal(settings, answer, identity, token), provider)
 
@@ -221,8 +263,10 @@ class TokenValidator:
         claims = decoded.claims
         check_time_claims(claims, now, settings.leeway_seconds)
         check_audience(claims, settings.audiences)
+        check_client(claims, settings.clients)
         check_jwt_type(claims, settings.token_types)
         check_bearer(claims)
+        check_jwt_subject(claims)
         # Only now, with the signature verified, may the token go to its own issuer's endpoints.
         identity = await resolve(settings, self._sources[settings.issuer], token, claims)
         return _Validated(make_principal(settings, claims, identity, token), provider, shape.kid, key)

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from slurmproxy.errors import (
+    ConcurrencyLimitedError,
     UpstreamBusy,
     UpstreamClosed,
     UpstreamConnectError,
@@ -277,6 +278,7 @@ class ConnectionPool:
         connect_timeout: float,
         read_timeout: float,
         idle_seconds: float,
+        max_per_owner: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -291,6 +293,31 @@ class ConnectionPool:
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Connection] = []
         self._active: set[_Connection] = set()
+        self._taken = 0  # slots held: from acquiring one to releasing its response
+        # Per owner (an identity): requests from their start to their response's release.
+        self._max_per_owner = max_per_owner
+        self._held: dict[str, int] = {}
+        self._owner_of: dict[_Connection, str] = {}
+
+    @property
+    def connections_in_use(self) -> int:
+        """Connections taken by requests in progress (sending, waiting for, or reading an answer)."""
+        return self._taken
+
+    def _hold(self, owner: str | None) -> None:
+        if owner is None or self._max_per_owner is None:
+            return
+        held = self._held.get(owner, 0)
+        if held >= self._max_per_owner:
+            raise ConcurrencyLimitedError(self._max_per_owner)
+        self._held[owner] = held + 1
+
+    def _unhold(self, owner: str | None) -> None:
+        if owner is None or owner not in self._held:
+            return
+        self._held[owner] -= 1
+        if self._held[owner] <= 0:
+            del self._held[owner]
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -329,17 +356,26 @@ class ConnectionPool:
         body: bytes | AsyncIterator[bytes] | None = None,
         *,
         timeout: float | None = None,
+        owner: str | None = None,
     ) -> Response:
         """Send a request; return once the response's status and headers have arrived.
 
-        ``timeout`` replaces the pool's read timeout for this request.
+        ``timeout`` replaces the pool's read timeout for this request. An ``owner`` already holding
+        ``max_per_owner`` requests (waiting for a connection included) gets ConcurrencyLimitedError
+        at once; the request counts against its owner until its response is released.
         """
         head = _request_head(method, target, self.origin.host_header, headers, body)
+        self._hold(owner)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await self._slots.acquire()
         except TimeoutError as exc:
+            self._unhold(owner)
             raise UpstreamBusy() from exc
+        except BaseException:
+            self._unhold(owner)
+            raise
+        self._taken += 1
         conn: _Connection | None = None
         try:
             conn = self._take_idle()
@@ -359,11 +395,15 @@ class ConnectionPool:
                 conn.read_timeout = timeout or self._read_timeout
                 await self._exchange(conn, method, head, body)
             self._active.add(conn)
+            if owner is not None:
+                self._owner_of[conn] = owner
             return Response(self, conn)
         except BaseException:
             if conn is not None:
                 conn.close()
+            self._taken -= 1
             self._slots.release()
+            self._unhold(owner)
             raise
 
     async def _exchange(
@@ -383,7 +423,9 @@ class ConnectionPool:
         if conn not in self._active:
             return
         self._active.discard(conn)
+        self._taken -= 1
         self._slots.release()
+        self._unhold(self._owner_of.pop(conn, None))
         if reuse:
             conn.recycle(self._clock())
             self._idle.append(conn)
@@ -401,6 +443,8 @@ class ConnectionPool:
             conn.close()
         self._idle.clear()
         self._active.clear()
+        self._owner_of.clear()
+        self._held.clear()
 
 
 def _streamed(body: bytes | AsyncIterator[bytes] | None) -> bool:

@@ -17,6 +17,7 @@ def create_client(settings: UpstreamSettings) -> ConnectionPool:
     return ConnectionPool(
         settings.url,
         max_connections=settings.max_connections,
+        max_per_owner=settings.max_connections_per_identity,
         connect_timeout=settings.connect_timeout_seconds,
         read_timeout=settings.timeout_seconds,
         idle_seconds=settings.keepalive_seconds,
@@ -85,9 +86,10 @@ async def send(
     headers: list[tuple[bytes, bytes]],
     content: bytes | AsyncIterator[bytes] | None,
     timeout: float | None = None,
+    owner: str | None = None,
 ) -> UpstreamResponse:
     target = path + ("?" + query.decode("ascii") if query else "")
-    response = await client.request(method, target, headers, content, timeout=timeout)
+    response = await client.request(method, target, headers, content, timeout=timeout, owner=owner)
     return UpstreamResponse(response.status_code, response_headers(response.headers), response)
 
 

@@ -30,7 +30,9 @@ READINESS_TIMEOUT_SECONDS = 2.0
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """A request to forward: the canonical path, the client's headers (the header policy is applied here),
-    the body (bytes, streamed, or None) and the Content-Length to send with it."""
+    the body (bytes, streamed, or None) and the Content-Length to send with it; ``content_type``, when
+    set, replaces the client's (job bodies: the proxy checked JSON, so it says JSON); ``owner``, when
+    set, counts against ``upstream.max_connections_per_identity``."""
 
     method: str
     path: str
@@ -39,6 +41,8 @@ class Outgoing:
     body: bytes | AsyncIterator[bytes] | None
     length: str | None
     request_id: str
+    content_type: str | None = None
+    owner: str | None = None  # the identity whose share of slurmrestd's connections this request takes
 
 
 class Upstream:
@@ -74,6 +78,9 @@ class Upstream:
         rejected the proxy's credential."""
         rid = self._request_id_header
         forwarded = [(k, v) for k, v in client_headers(request.headers) if normalized(k) != rid]
+        if request.content_type is not None:
+            forwarded = [(k, v) for k, v in forwarded if normalized(k) != b"content-type"]
+            forwarded.append((b"content-type", request.content_type.encode("ascii")))
         credential = self.credentials.headers_for(account)
         headers = [*forwarded, *credential, (rid, request.request_id.encode())]
         if request.length is not None:
@@ -87,6 +94,7 @@ class Upstream:
                 query=request.query,
                 headers=headers,
                 content=request.body,
+                owner=request.owner,
             )
             try:
                 await self.auth_check.check(response, path=request.path, user=account, headers=credential)

@@ -80,7 +80,7 @@ def _audit_refusal(
         return
     record = record_for(headers, runtime.settings.server, request_id=request_id, method=method, path=path, peer=peer)
     record.refuse(error)
-    runtime.trail.finish(record, refusable=False)
+    runtime.trail.finish_nowait(record)
 
 
 async def _overloaded(scope: Scope, receive: Receive, send: Send) -> None:

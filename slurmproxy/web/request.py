@@ -18,12 +18,12 @@ from starlette.types import Receive, Scope
 from slurmproxy.audit.log import AuditTrail
 from slurmproxy.audit.record import AuditRecord
 from slurmproxy.config.settings import ServerSettings, Settings
+from slurmproxy.core.slurmrest import takes_body
 from slurmproxy.errors import BadRequestError, PayloadTooLargeError
 from slurmproxy.web.forwarded import client_address
 
 Headers = Sequence[tuple[bytes, bytes]]
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,128}")
-_BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 _DEFAULTS = ServerSettings()
 
 
@@ -57,6 +57,15 @@ def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
 
 def headers_named(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:
     return [value.decode("latin-1") for key, value in headers if key == name]
+
+
+def single_content_type(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The request's one Content-Type (None without one); 400 for two, also spelled ``content_type``:
+    the proxy would check one and slurmrestd might read the other."""
+    found = [value for key, value in headers if key.replace(b"_", b"-") == b"content-type"]
+    if len(found) > 1:
+        raise BadRequestError("the request has more than one Content-Type header", reason="duplicate_content_type")
+    return found[0].decode("latin-1") if found else None
 
 
 def request_id_of(headers: Iterable[tuple[bytes, bytes]], settings: ServerSettings) -> str:
@@ -150,19 +159,32 @@ async def read_body(receive: Receive, limit: int) -> bytes:
     return b"".join([chunk async for chunk in stream_body(receive, limit)])
 
 
-async def forwarded_body(
-    request: Incoming, receive: Receive, limit: int
-) -> tuple[bytes | AsyncIterator[bytes] | None, str | None]:
-    """The body to forward and its length: streamed when the client sent Content-Length, else read whole
-    (bounded); None for a bodiless method without either header."""
+def check_body_allowed(request: Incoming, path: str) -> None:
+    """400 ``body_not_allowed`` for a body (a Content-Length above 0, or chunked) where slurmrestd reads
+    none: before anything else, so that such a request never waits on a token check, let alone holds a
+    connection to slurmrestd while its body trickles in."""
     length = request.header(b"content-length")
-    chunked = request.header(b"transfer-encoding") is not None
-    if length is None and not chunked:
-        return (None if request.method in _BODYLESS else b""), None
+    has_body = request.header(b"transfer-encoding") is not None or (length is not None and length.strip() != "0")
+    if has_body and not takes_body(request.method, path):
+        raise BadRequestError(
+            f"slurmrestd takes no request body for {request.method} {path}; send none", reason="body_not_allowed"
+        )
+
+
+async def forwarded_body(request: Incoming, receive: Receive, limit: int, path: str) -> tuple[bytes | None, str | None]:
+    """The body to forward, read whole before anything is forwarded (at most ``limit`` bytes, else 413,
+    within the body deadline), so a slow client never holds one of slurmrestd's connections; sent with
+    the Content-Length of what was read. None where slurmrestd takes no body (:func:`check_body_allowed`
+    refused any but an empty one)."""
+    if not takes_body(request.method, path):
+        return None, None
+    length = request.header(b"content-length")
+    if length is None and request.header(b"transfer-encoding") is None:
+        return b"", None
     if length is not None:
         if not length.isdigit():
             raise BadRequestError("Content-Length is not a number", reason="bad_content_length")
         if int(length) > limit:
             raise PayloadTooLargeError(f"the request body is larger than {limit} bytes")
-        return stream_body(receive, limit), length
-    return await read_body(receive, limit), None  # sent with the Content-Length of what was read
+    body = await read_body(receive, limit)
+    return body, str(len(body))

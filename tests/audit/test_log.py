@@ -65,38 +65,43 @@ class Requests:
         self.seen.append((record.decision, record.status, record.reason))
 
 
-def test_trail_writes_then_counts_every_record(tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_trail_writes_then_counts_every_record(tmp_path: Path) -> None:
     log = AuditLog(AuditSettings(sink="file", file=tmp_path / "audit.log"))
     log.open()
     metrics = Requests()
     record = AuditRecord.begin("r", "GET", "/slurm/v0.0.40/ping")
     record.allow(200)
-    assert AuditTrail(log, metrics).finish(record) is None
+    assert await AuditTrail(log, metrics).finish(record) is None
     log.close()
     assert metrics.seen == [("allow", 200, "allowed")]
     assert json.loads((tmp_path / "audit.log").read_text())["request_id"] == "r"
 
 
-def test_trail_turns_an_unwritable_record_into_the_refusal_the_client_gets(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.anyio
+async def test_trail_turns_an_unwritable_record_into_the_refusal_the_client_gets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     log = AuditLog(AuditSettings(sink="file", file=Path("/dev/full"), max_bytes=0))
     log.open()
     metrics = Requests()
     record = AuditRecord.begin("r", "GET", "/slurm/v0.0.40/ping")
     record.allow(200)
     with caplog.at_level(logging.ERROR, logger="slurmproxy.audit"):
-        refusal = AuditTrail(log, metrics).finish(record)
+        refusal = await AuditTrail(log, metrics).finish(record)
     log.close()
     assert isinstance(refusal, AuditWriteError) and refusal.status_code == 503
     assert metrics.seen == [("error", 503, "audit_unavailable")]
     assert any("refusing the request" in r.getMessage() for r in caplog.records)
 
 
-def test_trail_keeps_the_refusal_of_a_connection_the_server_refuses() -> None:
+def test_trail_keeps_the_refusal_of_a_connection_the_server_refuses(caplog: pytest.LogCaptureFixture) -> None:
     log = AuditLog(AuditSettings(sink="file", file=Path("/dev/full"), max_bytes=0))
     log.open()
     metrics = Requests()
     record = AuditRecord.begin("r", "-", "/")
     record.refuse(RequestTimeoutError("too slow", reason="header_timeout"))
-    assert AuditTrail(log, metrics).finish(record, refusable=False) is None
-    log.close()
+    AuditTrail(log, metrics).finish_nowait(record)
+    log.close()  # writes what is queued first
     assert metrics.seen == [("deny", 408, "header_timeout")]
+    assert any("refused connection" in r.getMessage() for r in caplog.records)

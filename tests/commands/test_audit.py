@@ -256,3 +256,53 @@ def test_config_with_stdout_sink_needs_a_file(tmp_path: Path, capsys: pytest.Cap
     path.write_text(yaml.safe_dump({"upstream": {"url": "http://127.0.0.1:6820", "jwt_key_file": "jwt.key"}}))
     status, _, err = run(capsys, "--config", path)
     assert status == EXIT_CONFIG and "audit.sink is 'stdout'" in err
+
+
+def test_a_state_changing_request_shows_once_and_an_unanswered_intent_stands_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 15, item 10: intent and outcome records are one request to an auditor; an intent without an
+    outcome (the proxy stopped, or the outcome went to the application log) is listed as such."""
+    path = tmp_path / "audit.log"
+    lines: list[AuditRecord] = []
+    for n, job in ((1, 4711), (2, None), (3, 4713)):
+        r = AuditRecord(f"req-{n}", "POST", "/slurm/v0.0.40/job/submit", issuer=ISS, subject="alice")
+        r.rule, r.operation, r.local_user = "vo-example-members", "submit", "alice"
+        lines.append(r.intent())
+        if job is not None:  # req-2's outcome was never written
+            r.kind, r.job_id = "outcome", job
+            r.allow(200)
+            lines.append(r)
+    lines.append(
+        AuditRecord("req-4", "GET", "/slurm/v0.0.40/jobs", decision="deny", reason="missing_token", status=401)
+    )
+    path.write_text("".join(r.to_line().decode() for r in lines))
+    settled = json_lines(capsys, path)
+    assert [(r["request_id"], r["kind"], r["status"]) for r in settled] == [
+        ("req-1", "outcome", 200),
+        ("req-3", "outcome", 200),
+        ("req-4", "request", 401),
+        ("req-2", "intent", None),
+    ]
+    assert len(json_lines(capsys, path, "--raw")) == 6
+    status, table, _ = run(capsys, path)
+    assert status == 0
+    (unanswered,) = [line for line in table.splitlines() if "req-2" in line]
+    assert unanswered.split()[2] == "intent"  # the DECISION column
+    _, summary, _ = run(capsys, path, "--summary", "--format", "json")
+    assert json.loads(summary)["by_kind"] == {"outcome": 2, "request": 1, "intent": 1}
+    assert json_lines(capsys, path, "--job-id", "4713")[0]["request_id"] == "req-3"
+
+
+def test_records_written_before_kinds_existed_read_as_requests(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "audit.log"
+    old = AuditRecord("old-1", "POST", "/slurm/v0.0.40/job/submit", decision="allow", reason="allowed", status=200)
+    data = old.data()
+    del data["kind"]
+    path.write_text(json.dumps(data) + "\n")
+    (record,) = json_lines(capsys, path)
+    assert record["request_id"] == "old-1" and "kind" not in record
+    _, summary, _ = run(capsys, path, "--summary", "--format", "json")
+    assert json.loads(summary)["by_kind"] == {"request": 1}

@@ -76,6 +76,8 @@ def test_query_must_be_printable_ascii() -> None:
         pytest.param(b"update_time=1&ACCESS_TOKEN=x", id="upper-case"),
         pytest.param(b"access%5Ftoken=x", id="encoded-name"),
         pytest.param(b"access_token", id="no-value"),
+        pytest.param(b"update_time=1;access_token=eyJ.x.y", id="semicolon-separated"),  # issue 15, item 12
+        pytest.param(b"a=1&b=2;ACCESS_TOKEN=x;c=3", id="semicolon-after-ampersand"),
     ],
 )
 def test_token_in_query_is_refused(query: bytes) -> None:

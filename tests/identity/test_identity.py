@@ -58,11 +58,28 @@ async def test_ordinary_account_passes_with_uid() -> None:
     assert (account.name, account.uid, account.source) == ("alice", 2001, "table:users")
 
 
-async def test_unknown_account_allowed_unless_required() -> None:
-    assert (await guard().check("remoteonly", "t")).uid is None
+@pytest.mark.parametrize("name", ["slurmdbd", "mysql", "toor", "remoteonly"])
+async def test_an_account_this_host_does_not_know_is_refused_by_default(name: str) -> None:
+    """Issue 15, item 7: a name the host cannot look up has no uid to check (a system account of the
+    cluster's, a uid-0 alias): by default it is refused, never passed on unchecked."""
     with pytest.raises(IdentityMappingError) as err:
-        await guard(require_local_account=True).check("remoteonly", "t")
-    assert err.value.reason == "account_unknown"
+        await guard().check(name, "t")
+    assert err.value.reason == "account_unknown" and err.value.status_code == 403
+    assert "identity.unknown_accounts" in err.value.detail
+
+
+async def test_unknown_accounts_allowed_by_an_explicit_pattern_or_by_turning_the_check_off() -> None:
+    """A proxy whose host lacks the cluster's users names the accounts it may use unchecked."""
+    pattern = guard(unknown_accounts=r"svc-[a-z]+|pool[0-9]{3}")
+    assert (await pattern.check("svc-remote", "t")).uid is None
+    assert (await pattern.check("pool007", "t")).uid is None
+    for name in ("slurmdbd", "svc-remote2", "xsvc-remote", "pool0071"):
+        with pytest.raises(IdentityMappingError) as err:
+            await pattern.check(name, "t")
+        assert err.value.reason == "account_unknown"
+    with pytest.raises(IdentityMappingError):  # the pattern never lets a known, refused account through
+        await guard(unknown_accounts=r"[a-z]+").check("daemonish", "t")
+    assert (await guard(require_local_account=False).check("remoteonly", "t")).uid is None
 
 
 async def test_table_first_then_service_account(tmp_path: Path) -> None:

@@ -118,7 +118,9 @@ def two_issuer_proxy(
         {"issuer": oidc.issuer, "audiences": [PROXY_AUDIENCE]},
         {"issuer": short_lived.issuer, "audiences": [PROXY_AUDIENCE], "leeway_seconds": 0},
     ]
-    return proxy_factory(proxy_config(slurm, issuers), {"site.yaml": site_policy(oidc.issuer)})
+    # With two issuers, the rules name whose tokens they admit (issue 15, item 2).
+    policy = {**site_policy(oidc.issuer), "issuers": [oidc.issuer, short_lived.issuer]}
+    return proxy_factory(proxy_config(slurm, issuers), {"site.yaml": policy})
 
 
 def _tamper(token: str) -> str:
@@ -195,6 +197,10 @@ def test_slurmrestd_outage_is_502_and_recovers_without_restart(
 
 
 def test_readiness_reports_keys_and_upstream(proxy: ProxyServer, oidc: OidcProvider) -> None:
-    ready = call(proxy, "GET", "/_slurmproxy/ready")
+    ready = call(proxy, "GET", "/_slurmproxy/ready", token=oidc.client_credentials_token("alice-cli"))
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"]["issuers"] == {oidc.issuer: "keys loaded"}
+    anonymous = call(proxy, "GET", "/_slurmproxy/ready")  # issue 15, item 9: the status only
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready"}
+    outsider = call(proxy, "GET", "/_slurmproxy/ready", token=oidc.client_credentials_token("dave-cli"))
+    assert outsider.json() == {"status": "ready"}  # a valid token, but no rule admits dave

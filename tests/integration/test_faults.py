@@ -252,19 +252,21 @@ def test_a_policy_file_corrupted_during_live_reload_under_load(
     config = proxy_config(slurm, [issuer], policy={"reload_interval_seconds": 0.2})
     proxy = proxy_factory(config, {"site.yaml": readers})
     assert proxy.proc is not None
-    pid, digest = proxy.proc.pid, policy_status(proxy)["digest"]
+    token = oidc.client_credentials_token("alice-cli")
+    pid, digest = proxy.proc.pid, policy_status(proxy, token)["digest"]
     target = proxy.workdir / "policies" / "site.yaml"
-    with Load(proxy.url + f"{api}/jobs", oidc.client_credentials_token("alice-cli"), request_id) as load:
+    with Load(proxy.url + f"{api}/jobs", token, request_id) as load:
         load.wait_for(lambda o: sum(x.status == 200 for x in o) >= 10, "answers before the edit")
         target.write_text(target.read_text()[:120] + "\n  - {id: half-written, allow: [")  # in place, cut short
-        wait_for("the failed reload", lambda: policy_status(proxy)["failures"] >= 1)
+        wait_for("the failed reload", lambda: policy_status(proxy, token)["failures"] >= 1)
         broken_seen = len(load.outcomes)
         load.wait_for(lambda o: len(o) >= broken_seen + 10, "answers while the file is broken")
         assert {o.status for o in load.outcomes[broken_seen:]} == {200}  # the last good policy decides
         readers["rules"][0]["allow"] = ["ping"]
         target.write_text(yaml.safe_dump(readers))
         wait_for(
-            "the reload", lambda: policy_status(proxy)["digest"] != digest and policy_status(proxy)["status"] == "ok"
+            "the reload",
+            lambda: policy_status(proxy, token)["digest"] != digest and policy_status(proxy, token)["status"] == "ok",
         )
         reloaded = len(load.outcomes)
         load.wait_for(lambda o: sum(x.status == 403 for x in o[reloaded:]) >= 10, "answers under the new policy")

@@ -88,12 +88,12 @@ def test_every_served_version_submits_lists_updates_and_cancels_as_the_mapped_us
 def test_readiness_lists_the_served_versions_and_other_versions_get_404(
     proxy: ProxyServer, slurm: SlurmCluster, oidc: OidcProvider, request_id: str
 ) -> None:
-    ready = call(proxy, "GET", "/_slurmproxy/ready")
+    token = oidc.client_credentials_token("alice-cli")
+    ready = call(proxy, "GET", "/_slurmproxy/ready", token=token)  # the details: for callers the policy admits
     assert ready.status_code == 200, ready.text
     reported = ready.json()["checks"]["api_versions"]
     assert reported["versions"] == {"slurm": slurm.api_versions} and reported["error"] is None
 
-    token = oidc.client_credentials_token("alice-cli")
     restd_log = slurm.log_dir / "slurmrestd.log"
     before = restd_log.read_text()
     for version in NOT_SERVED[generation(slurm)]:
@@ -113,6 +113,7 @@ def test_readiness_lists_the_served_versions_and_other_versions_get_404(
 def test_versions_are_learned_when_slurmrestd_comes_up_after_the_proxy(
     slurm: SlurmCluster, oidc: OidcProvider, proxy_factory: ProxyFactory
 ) -> None:
+    token = oidc.client_credentials_token("alice-cli")
     slurm.stop_slurmrestd()
     try:
         late = proxy_factory(
@@ -121,16 +122,17 @@ def test_versions_are_learned_when_slurmrestd_comes_up_after_the_proxy(
         )
 
         def failed_once() -> bool:
-            return call(late, "GET", "/_slurmproxy/ready").json()["checks"]["api_versions"]["error"] is not None
+            ready = call(late, "GET", "/_slurmproxy/ready", token=token)
+            return ready.json()["checks"]["api_versions"]["error"] is not None
 
         wait_for(failed_once, timeout=30, what="the proxy's first attempt to read the versions")
-        ready = call(late, "GET", "/_slurmproxy/ready")
+        ready = call(late, "GET", "/_slurmproxy/ready", token=token)
         assert ready.status_code == 503 and ready.json()["checks"]["api_versions"]["versions"] is None
     finally:
         slurm.start_slurmrestd()
 
     def learned() -> bool:
-        versions = call(late, "GET", "/_slurmproxy/ready").json()["checks"]["api_versions"]["versions"]
+        versions = call(late, "GET", "/_slurmproxy/ready", token=token).json()["checks"]["api_versions"]["versions"]
         return bool(versions == {"slurm": slurm.api_versions})
 
     wait_for(learned, timeout=30, what="the proxy to read slurmrestd's versions")
@@ -227,7 +229,8 @@ def test_a_rejected_proxy_credential_is_502_upstream_auth_failed(
     assert "X-SLURM-USER-TOKEN" not in wrong_key_proxy.audit_path.read_text()
     assert "eyJ" not in wrong_key_proxy.audit_path.read_text() + wrong_key_proxy.log_path.read_text()
     assert "rejected the proxy's Slurm credential" in wrong_key_proxy.log_path.read_text()
-    credential = call(wrong_key_proxy, "GET", "/_slurmproxy/ready").json()["checks"]["upstream_credential"]
+    ready = call(wrong_key_proxy, "GET", "/_slurmproxy/ready", token=token)
+    credential = ready.json()["checks"]["upstream_credential"]
     assert credential["rejections"] >= 4 * len(slurm.api_versions)
     assert credential["last"]["status"] == expected_upstream
 

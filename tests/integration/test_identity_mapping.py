@@ -62,6 +62,7 @@ def mapping_policy(issuer: str) -> dict[str, Any]:
         "rules": [
             {
                 "id": "stale-tolerant",
+                "issuers": [issuer],
                 "subjects": ["linked-stale"],
                 "allow": allow,
                 "mapping": [{"alise": "site-last-known"}],

@@ -68,8 +68,9 @@ def body(api: str, slurm: SlurmCluster, **job: Any) -> dict[str, Any]:
     return data
 
 
-def policy_status(proxy: ProxyServer) -> dict[str, Any]:
-    details: dict[str, Any] = call(proxy, "GET", "/_slurmproxy/ready").json()["checks"]["policy"]
+def policy_status(proxy: ProxyServer, token: str) -> dict[str, Any]:
+    """The readiness details' policy part: for a caller the policy admits (issue 15, item 9)."""
+    details: dict[str, Any] = call(proxy, "GET", "/_slurmproxy/ready", token=token).json()["checks"]["policy"]
     return details
 
 
@@ -187,7 +188,7 @@ def test_sighup_reload_removes_the_submit_right_without_a_restart(
     assert call(proxy, "POST", f"{api}/job/submit", token=token, json=body(api, slurm)).status_code == 200
     rewrite(proxy, vo_policy(oidc.issuer, vo_a_allows=["ping", "read-only"]))
     proxy.signal(signal.SIGHUP)
-    wait_for("the reload", lambda: policy_status(proxy)["reloads"] == 1)
+    wait_for("the reload", lambda: policy_status(proxy, token)["reloads"] == 1)
     before = job_ids(slurm)
     refused = call(proxy, "POST", f"{api}/job/submit", token=token, json=body(api, slurm))
     assert refused.status_code == 403 and refused.json()["slurmproxy"]["reason"] == "operation_not_allowed"
@@ -201,11 +202,11 @@ def test_a_file_change_is_picked_up_and_a_corrupt_file_keeps_the_old_policy(
 ) -> None:
     proxy = start(proxy_factory, slurm, oidc, interval=0.2)
     token = oidc.client_credentials_token("alice-cli")
-    first_digest = policy_status(proxy)["digest"]
+    first_digest = policy_status(proxy, token)["digest"]
 
     rewrite(proxy, "rules: [ {id: broken")  # not YAML
-    wait_for("the failed reload", lambda: policy_status(proxy)["failures"] == 1)
-    status = policy_status(proxy)
+    wait_for("the failed reload", lambda: policy_status(proxy, token)["failures"] == 1)
+    status = policy_status(proxy, token)
     assert status["status"].startswith("stale") and status["digest"] == first_digest
     assert any("not valid YAML" in e for e in status["errors"])
     kept = call(proxy, "POST", f"{api}/job/submit", token=token, request_id=request_id, json=body(api, slurm))
@@ -215,8 +216,8 @@ def test_a_file_change_is_picked_up_and_a_corrupt_file_keeps_the_old_policy(
 
     without_submit = vo_policy(oidc.issuer, vo_a_allows=["ping"])
     rewrite(proxy, without_submit)
-    wait_for("the reload", lambda: policy_status(proxy)["reloads"] == 1)
-    status = policy_status(proxy)
+    wait_for("the reload", lambda: policy_status(proxy, token)["reloads"] == 1)
+    status = policy_status(proxy, token)
     assert status["status"] == "ok" and status["errors"] == [] and status["digest"] != first_digest
     refused = call(proxy, "POST", f"{api}/job/submit", token=token, json=body(api, slurm))
     assert refused.status_code == 403

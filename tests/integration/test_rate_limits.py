@@ -15,11 +15,12 @@ from tests.integration.hostile import Forger, RestdLog
 HOUR = 3600
 
 
-def _policy() -> dict[str, Any]:
+def _policy(issuer: str) -> dict[str, Any]:
     return {
         "rules": [
             {
                 "id": "shared-account",
+                "issuers": [issuer],
                 "subjects": ["alice", "carol"],
                 "allow": ["ping"],
                 "mapping": [{"service_account": "svc-alpha"}],
@@ -49,7 +50,7 @@ def _policy() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def limited(slurm: SlurmCluster, oidc: OidcProvider, proxy_factory: ProxyFactory) -> ProxyServer:
     issuer = {"issuer": oidc.issuer, "audiences": [PROXY_AUDIENCE]}
-    return proxy_factory(proxy_config(slurm, [issuer]), {"limits.yaml": _policy()})
+    return proxy_factory(proxy_config(slurm, [issuer]), {"limits.yaml": _policy(oidc.issuer)})
 
 
 def test_users_sharing_a_service_account_do_not_share_a_limit(

@@ -217,3 +217,48 @@ async def test_policy_reloads_move_the_policy_metrics(
     assert value(fixed, "slurmproxy_policy_loads_total", result="success") == 2  # start-up and the reload
     assert value(fixed, "slurmproxy_policy_last_load_success") == 1
     assert value(fixed, "slurmproxy_policy_rules") == 1
+
+
+# --- issue 15, item 9: metrics on a port of their own --------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.httpx_mock(should_mock=lambda request: request.url.host != "127.0.0.1")  # the real listener
+async def test_metrics_can_be_served_on_their_own_port_only(tmp_path: Path, signer: Signer, free_tcp_port: int) -> None:
+    settings = make_settings(tmp_path, metrics={"port": free_tcp_port, "host": "127.0.0.1"})
+    async with app_session(settings) as (client, _):
+        assert (await client.get("/metrics")).status_code == 401  # not on the main port: a proxied path
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{free_tcp_port}") as scraper:
+            scraped = await scraper.get("/metrics")
+            other = await scraper.get("/slurm/v0.0.42/jobs")
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    samples = {s.name: s for f in text_string_to_metric_families(scraped.text) for s in f.samples}
+    assert samples["slurmproxy_policy_rules"].value == 1
+    assert other.status_code == 404 and "slurmproxy_" not in other.text
+
+
+@pytest.mark.anyio
+async def test_the_metrics_port_closes_connections_that_send_nothing(
+    tmp_path: Path, signer: Signer, free_tcp_port: int
+) -> None:
+    """The separate listener has the main port's header deadline: no connection stays open for ever."""
+    import asyncio
+
+    timeout = 0.5
+    settings = make_settings(
+        tmp_path, metrics={"port": free_tcp_port, "host": "127.0.0.1"}, server={"header_timeout_seconds": timeout}
+    )
+    async with app_session(settings):
+        reader, writer = await asyncio.open_connection("127.0.0.1", free_tcp_port)
+        writer.write(b"GET /metr")  # and then nothing
+        async with asyncio.timeout(timeout + 30):  # the deadline plus a margin for a loaded machine
+            answer = await reader.read()  # returns at EOF: the proxy closed the connection
+        writer.close()
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408")
+
+
+def test_the_metrics_port_must_differ_from_the_main_port(tmp_path: Path) -> None:
+    from slurmproxy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="metrics.port must differ from server.port"):
+        make_settings(tmp_path, server={"port": 8080}, metrics={"port": 8080})

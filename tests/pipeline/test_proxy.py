@@ -52,8 +52,15 @@ async def test_submit_is_forwarded_as_the_mapped_user(
     ]
     claims = jwt.decode(sent.headers["x-slurm-user-token"], OctKey.import_key(b"k" * 32), algorithms=["HS256"]).claims
     assert claims["sun"] == "alice"
-    (record,) = audit_lines(tmp_path)
-    assert record["decision"] == "allow"
+    intent, record = audit_lines(tmp_path)
+    assert (intent["kind"], intent["decision"], intent["status"], intent["request_id"]) == (
+        "intent",
+        "allow",
+        None,
+        "req-123",
+    )
+    assert (intent["local_user"], intent["rule"], intent["operation"]) == ("alice", "members", "submit")
+    assert record["kind"] == "outcome" and record["decision"] == "allow"
     assert record["job_id"] == 42
     assert record["local_user"] == "alice" and record["mapping"] == "table:users"
     assert record["rule"] == "members" and record["operation"] == "submit"
@@ -82,8 +89,10 @@ async def test_unmapped_subject_uses_service_account(
     ],
 )
 async def test_unauthenticated_requests_get_401(
-    tmp_path: Path, httpx_mock: HTTPXMock, headers: dict[str, str], reason: str, upstream: Upstream
+    tmp_path: Path, signer: Signer, headers: dict[str, str], reason: str, upstream: Upstream
 ) -> None:
+    # `signer` answers the key fetch the app starts in the background (whether it runs before the test
+    # ends depends on timing); the request itself makes none.
     async with app_client(make_settings(tmp_path)) as client:
         response = await client.get("/slurm/v0.0.38/jobs", headers=headers)
     assert response.status_code == 401
@@ -168,7 +177,7 @@ async def test_oversized_body_is_refused_before_forwarding(
     assert upstream.get_requests() == []
 
 
-async def test_bad_path_is_400_before_authentication(tmp_path: Path, httpx_mock: HTTPXMock) -> None:
+async def test_bad_path_is_400_before_authentication(tmp_path: Path, signer: Signer) -> None:
     async with app_client(make_settings(tmp_path)) as client:
         response = await client.get("/slurm/v0.0.38/%2e%2e/jobs")
     assert response.status_code == 400
@@ -202,7 +211,7 @@ async def test_live_and_ready(tmp_path: Path, httpx_mock: HTTPXMock, signer: Sig
     upstream.add_response(url=f"{UPSTREAM}/openapi/v3", json={"openapi": "3.0"})
     async with app_client(make_settings(tmp_path)) as client:
         assert (await client.get("/_slurmproxy/live")).json() == {"status": "ok"}
-        ready = await client.get("/_slurmproxy/ready")
+        ready = await client.get("/_slurmproxy/ready", headers={"Authorization": f"Bearer {signer.token()}"})
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"]["issuers"] == {ISSUER: "keys loaded"}
 
@@ -212,9 +221,34 @@ async def test_not_ready_when_upstream_is_down(
 ) -> None:
     upstream.add_exception("close", url=f"{UPSTREAM}/openapi/v3")
     async with app_client(make_settings(tmp_path)) as client:
-        ready = await client.get("/_slurmproxy/ready")
+        ready = await client.get("/_slurmproxy/ready", headers={"Authorization": f"Bearer {signer.token()}"})
     assert ready.status_code == 503
     assert "unreachable" in ready.json()["checks"]["upstream"]
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        pytest.param(None, id="no-token"),
+        pytest.param("Bearer not-a-jwt", id="bad-token"),
+        pytest.param("outsider", id="a-valid-token-no-rule-admits"),
+    ],
+)
+async def test_ready_tells_only_the_status_to_whoever_the_policy_does_not_admit(
+    tmp_path: Path, signer: Signer, upstream: Upstream, caplog: pytest.LogCaptureFixture, authorization: str | None
+) -> None:
+    """Issue 15, item 9: readiness details (the policy's loader errors with file paths and federated
+    subjects, slurmrestd's state) are not for anyone who can reach the port; the log has them."""
+    upstream.add_exception("close", url=f"{UPSTREAM}/openapi/v3")
+    if authorization == "outsider":
+        authorization = f"Bearer {signer.token(eduperson_entitlement=[OTHER_VO])}"
+    headers = {"Authorization": authorization} if authorization else {}
+    async with app_client(make_settings(tmp_path)) as client:
+        ready = await client.get("/_slurmproxy/ready", headers=headers)
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "not ready"}
+    logged = [r for r in caplog.records if r.name == "slurmproxy" and "readiness" in r.getMessage()]
+    assert logged and "unreachable" in logged[-1].getMessage() and logged[-1].levelname == "WARNING"
 
 
 async def test_provider_outage_is_503_json_for_a_checkin_token(
@@ -341,14 +375,14 @@ async def test_requests_that_differ_in_a_forwarded_header_are_not_coalesced(
 
 
 async def test_gets_with_a_body_are_never_shared(tmp_path: Path, signer: Signer, upstream: Upstream) -> None:
-    upstream.add_response(url=f"{UPSTREAM}/slurm/v0.0.38/jobs", json={"jobs": []}, delay=0.3, is_reusable=True)
+    """Nor forwarded at all since issue 15 (item 4): slurmrestd reads no body on a GET."""
     headers = {"Authorization": f"Bearer {signer.token()}"}
     async with app_client(make_settings(tmp_path)) as client:
         answers = await asyncio.gather(
             *(client.request("GET", "/slurm/v0.0.38/jobs", headers=headers, content=b"{}") for _ in range(2))
         )
-    assert [a.status_code for a in answers] == [200, 200]
-    assert len(upstream.get_requests()) == 2
+    assert [a.json()["slurmproxy"]["reason"] for a in answers] == ["body_not_allowed"] * 2
+    assert upstream.get_requests() == []
 
 
 async def test_an_unsized_answer_too_large_to_share_reaches_its_caller_whole(
@@ -360,3 +394,40 @@ async def test_an_unsized_answer_too_large_to_share_reaches_its_caller_whole(
     async with app_client(settings) as client:
         response = await client.get("/slurm/v0.0.38/jobs", headers={"Authorization": f"Bearer {signer.token()}"})
     assert response.status_code == 200 and response.content == big
+
+
+# --- issue 15, item 8: one Content-Type, and the proxy's own for job bodies -----------------------
+
+
+@pytest.mark.parametrize(
+    "second",
+    [pytest.param(("Content-Type", "application/x-yaml"), id="two-content-types"),
+     pytest.param(("content_type", "application/x-yaml"), id="underscore-spelling")],
+)  # fmt: skip
+async def test_two_content_types_are_refused(
+    tmp_path: Path, signer: Signer, upstream: Upstream, second: tuple[str, str]
+) -> None:
+    """The proxy checked the first, slurmrestd read the last: two are never passed on."""
+    headers = [("Authorization", f"Bearer {signer.token()}"), ("Content-Type", "application/json"), second]
+    async with app_client(make_settings(tmp_path)) as client:
+        response = await client.post(SUBMIT, content=json.dumps(JOB), headers=headers)
+    assert response.status_code == 400
+    assert response.json()["slurmproxy"]["reason"] == "duplicate_content_type"
+    assert upstream.get_requests() == []
+
+
+async def test_a_job_body_goes_out_with_the_proxys_own_content_type(
+    tmp_path: Path, signer: Signer, upstream: Upstream
+) -> None:
+    """`Connection: content-type` would strip the checked header after the check; the proxy sets it."""
+    upstream.add_response(url=f"{UPSTREAM}{SUBMIT}", method="POST", json={"job_id": 7, "errors": []})
+    headers = {
+        "Authorization": f"Bearer {signer.token()}",
+        "Content-Type": "application/json; charset=utf-8",
+        "Connection": "content-type",
+    }
+    async with app_client(make_settings(tmp_path)) as client:
+        response = await client.post(SUBMIT, content=json.dumps(JOB), headers=headers)
+    assert response.status_code == 200
+    (sent,) = upstream.get_requests()
+    assert [v for k, v in sent.headers.raw if k.lower() == b"content-type"] == [b"application/json"]

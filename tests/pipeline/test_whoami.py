@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pytest_httpx import HTTPXMock
 
 from tests.asgi import app_client, app_session
 from tests.fakeupstream import ThreadedFakeSlurmrestd as Upstream
@@ -93,8 +92,9 @@ async def test_whoami_for_someone_no_rule_admits(tmp_path: Path, signer: Signer)
     ],
 )
 async def test_whoami_needs_a_valid_token(
-    tmp_path: Path, httpx_mock: HTTPXMock, headers: dict[str, str], status: int, reason: str
+    tmp_path: Path, signer: Signer, headers: dict[str, str], status: int, reason: str
 ) -> None:
+    # `signer` answers the key fetch the app starts in the background, whenever it runs.
     async with app_client(make_settings(tmp_path, policy())) as client:
         response = await client.get(WHOAMI, headers=headers)
     assert response.status_code == status and response.json()["slurmproxy"]["reason"] == reason

@@ -93,7 +93,8 @@ async def test_submission_is_forwarded_with_defaults_filled(
     (sent,) = upstream.get_requests()
     assert json.loads(sent.content)["job"] == expected
     assert int(sent.headers["content-length"]) == len(sent.content)
-    (record,) = audit(tmp_path)
+    intent, record = audit(tmp_path)  # the intent before slurmrestd acted, then the outcome
+    assert (intent["kind"], intent["rule"], intent["job_id"]) == ("intent", "vo-a", None)
     assert (record["rule"], record["operation"], record["job_id"]) == ("vo-a", "submit", 7)
 
 

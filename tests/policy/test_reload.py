@@ -156,7 +156,7 @@ async def test_app_reloads_on_file_change_and_reports_a_broken_file(
         assert refused.json()["slurmproxy"]["reason"] == "operation_not_allowed"
         (tmp_path / "policies" / "policy.yaml").write_text("rules: [")
         await until(lambda: runtime.policy_reloader.status.failures == 1)
-        ready = (await client.get("/_slurmproxy/ready")).json()
+        ready = (await client.get("/_slurmproxy/ready", headers=headers)).json()
         still = await client.get("/slurm/v0.0.42/ping", headers=headers)
     details = ready["checks"]["policy"]
     assert details["status"].startswith("stale") and details["rules"] == 1
@@ -193,3 +193,30 @@ async def test_in_flight_requests_finish_under_the_policy_they_started_with(
     assert yaml.safe_load((tmp_path / "policies" / "policy.yaml").read_text())["rules"][0]["job"]["partitions"] == [
         "long"
     ]
+
+
+def shared_account_policy() -> dict[str, Any]:
+    policy = basic_policy(job={"accounts": ["a"]})
+    policy["rules"].append(
+        {
+            "id": "other-vo",
+            "entitlements": ["urn:mace:egi.eu:group:vo.other.org:role=member#aai.egi.eu"],
+            "allow": ["ping"],
+            "mapping": [{"service_account": "svc-alpha"}],
+        }
+    )
+    return policy
+
+
+async def test_policy_warnings_are_logged_at_start_up_and_on_reload(
+    tmp_path: Path, signer: Signer, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(tmp_path, shared_account_policy())
+    async with app_session(settings) as (_, state):
+        started = [r for r in caplog.records if "local account svc-alpha is reachable" in r.getMessage()]
+        assert [r.levelname for r in started] == ["WARNING"]
+        caplog.clear()
+        write_policy(tmp_path / "policies", {**shared_account_policy(), "operations": {"x": []}})
+        assert await state["runtime"].policy_reloader.reload("test") is True
+        reloaded = [r for r in caplog.records if "local account svc-alpha is reachable" in r.getMessage()]
+        assert [r.name for r in reloaded] == ["slurmproxy.policy"]

@@ -24,8 +24,9 @@ from tests.helpers import (
 )
 
 
-def load(tmp_path: Path, policy: dict[str, Any]) -> Any:
-    return load_policy([write_policy(tmp_path, policy)], trusted_issuers=[ISSUER, OTHER_ISSUER])
+def load(tmp_path: Path, policy: dict[str, Any], *trusted: str) -> Any:
+    """Loaded as the proxy would with ``trusted`` issuers configured (default: the one test issuer)."""
+    return load_policy([write_policy(tmp_path, policy)], trusted_issuers=list(trusted) or [ISSUER])
 
 
 @pytest.mark.parametrize(
@@ -110,7 +111,7 @@ def test_issuer_and_subject_conditions(tmp_path: Path) -> None:
             }
         ]
     }
-    loaded = load(tmp_path, policy)
+    loaded = load(tmp_path, policy, ISSUER, OTHER_ISSUER)
     assert evaluate(
         loaded, principal(issuer=OTHER_ISSUER, subject="ops@example.org"), "GET", "/slurm/v0.0.38/jobs"
     ).allowed
@@ -147,14 +148,14 @@ def test_tables_from_yaml_and_csv_files(tmp_path: Path) -> None:
     assert loaded.tables["more"][(ISSUER, "dave")] == "dave"
 
 
-def _errors(tmp_path: Path, policy: dict[str, Any] | str) -> list[str]:
+def _errors(tmp_path: Path, policy: dict[str, Any] | str, *trusted: str) -> list[str]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     if isinstance(policy, str):
         (tmp_path / "policy.yaml").write_text(policy)
     else:
         write_policy(tmp_path, policy)
     with pytest.raises(PolicyError) as err:
-        load_policy([tmp_path], trusted_issuers=[ISSUER, OTHER_ISSUER])
+        load_policy([tmp_path], trusted_issuers=list(trusted) or [ISSUER])
     return err.value.errors
 
 
@@ -261,7 +262,7 @@ def test_claim_conditions(tmp_path: Path, claims: dict[str, Any], allowed: bool)
 
 def test_file_issuers_restrict_every_rule_of_the_file(tmp_path: Path) -> None:
     write_policy(tmp_path, {"issuers": [OTHER_ISSUER], "rules": [rule("other-only")]}, "a.yaml")
-    write_policy(tmp_path, {"rules": [rule("anyone", allow=["read-only"])]}, "b.yaml")
+    write_policy(tmp_path, {"rules": [rule("anyone", allow=["read-only"], issuers=[ISSUER])]}, "b.yaml")
     loaded = load_policy([tmp_path], trusted_issuers=[ISSUER, OTHER_ISSUER])
     assert evaluate(loaded, principal(VO_MEMBER, issuer=OTHER_ISSUER), "POST", SUBMIT).allowed
     denied = evaluate(loaded, principal(VO_MEMBER, issuer=ISSUER), "POST", SUBMIT, explain=True)
@@ -306,7 +307,7 @@ def test_file_issuers_restrict_every_rule_of_the_file(tmp_path: Path) -> None:
     ],
 )
 def test_new_sections_report_file_rule_and_field(tmp_path: Path, policy: dict[str, Any], fragment: str) -> None:
-    errors = _errors(tmp_path, policy)
+    errors = _errors(tmp_path, policy, ISSUER, OTHER_ISSUER)
     assert any(fragment in e and "policy.yaml" in e for e in errors), errors
 
 
@@ -478,3 +479,62 @@ def test_claim_conditions_read_userinfo_then_introspection_then_the_token(tmp_pa
     assert evaluate(loaded, from_userinfo, "POST", SUBMIT).allowed
     assert evaluate(loaded, from_introspection, "POST", SUBMIT).allowed
     assert not evaluate(loaded, overridden, "POST", SUBMIT).allowed
+
+
+# --- issue 15: rules bound to issuers, accounts shared across VOs -----------------------------------
+
+
+def test_with_several_issuers_every_rule_must_name_its_issuers(tmp_path: Path) -> None:
+    """A second issuer (a Check-in -demo preset, a site IdP) must not assert the entitlements of rules
+    written for the first: with two issuers configured, a rule without `issuers:` is refused."""
+    write_policy(tmp_path, {"rules": [rule("unbound"), rule("bound", issuers=[ISSUER])]})
+    with pytest.raises(PolicyError) as err:
+        load_policy([tmp_path], trusted_issuers=[ISSUER, OTHER_ISSUER])
+    (problem,) = err.value.errors
+    assert "rules[0] (id=unbound): names no issuers, but 2 issuers are configured" in problem
+    assert load_policy([tmp_path], trusted_issuers=[ISSUER]).rules[0].issuers is None  # one issuer: implied
+    write_policy(tmp_path, {"issuers": [ISSUER], "rules": [rule("unbound"), rule("bound", issuers=[ISSUER])]})
+    assert load_policy([tmp_path], trusted_issuers=[ISSUER, OTHER_ISSUER]).rules[0].issuers == frozenset({ISSUER})
+
+
+def test_a_rule_listing_subjects_always_names_its_issuers(tmp_path: Path) -> None:
+    robot = {"id": "robot", "subjects": ["ops"], "allow": ["ping"], "mapping": [{"service_account": "svc-ops"}]}
+    write_policy(tmp_path, {"rules": [robot]})
+    for trusted in ([ISSUER], None):
+        with pytest.raises(PolicyError) as err:
+            load_policy([tmp_path], trusted_issuers=trusted)
+        assert "rules[0] (id=robot): lists subjects but names no issuers" in err.value.errors[0]
+    write_policy(tmp_path, {"rules": [{**robot, "issuers": [ISSUER]}]})
+    assert load_policy([tmp_path], trusted_issuers=[ISSUER]).rules[0].subjects == frozenset({"ops"})
+
+
+def test_an_account_shared_by_rules_of_different_vos_is_a_warning_naming_them(tmp_path: Path) -> None:
+    open_vo = "urn:mace:egi.eu:group:vo.access.egi.eu:role=member#aai.egi.eu"
+    managers = VO_MEMBER.replace("role=member", "role=manager")
+    policy = {
+        "rules": [
+            rule("members", mapping=[{"service_account": "svc-beta"}], job={"accounts": ["a"]}),
+            rule("managers", entitlements=[managers], mapping=[{"service_account": "svc-beta"}], allow=["ping"]),
+            rule("open", entitlements=[open_vo], mapping=[{"service_account": "svc-beta"}], job={"accounts": ["b"]}),
+            rule("own", entitlements=[OTHER_VO], mapping=[{"service_account": "svc-own"}], job={"accounts": ["c"]}),
+        ]
+    }
+    (warning,) = load(tmp_path, policy).warnings
+    assert "local account svc-beta is reachable from rules of different VOs" in warning
+    assert "VO vo.access.egi.eu: open" in warning and "VO vo.example.org: members, managers" in warning
+    assert "shares every -own operation" in warning
+    same_vo = {"rules": policy["rules"][:2] + policy["rules"][3:]}
+    assert load(tmp_path / "same-vo", same_vo).warnings == ()
+
+
+def test_an_account_shared_by_rules_of_different_issuers_is_a_warning(tmp_path: Path) -> None:
+    policy = {
+        "rules": [
+            rule("here", issuers=[ISSUER], job={"accounts": ["a"]}),
+            rule("there", issuers=[OTHER_ISSUER], job={"accounts": ["a"]}),
+        ]
+    }
+    write_policy(tmp_path, policy)
+    (warning,) = load_policy([tmp_path], trusted_issuers=[ISSUER, OTHER_ISSUER]).warnings
+    assert "local account svc is reachable from rules admitting different issuers" in warning
+    assert f"{ISSUER}: here" in warning and f"{OTHER_ISSUER}: there" in warning

@@ -19,7 +19,7 @@ from slurmproxy.errors import AuthenticationError, DependencyError
 from slurmproxy.tokens.checks import check_time_claims
 from slurmproxy.tokens.provider import ProviderClient
 from slurmproxy.tokens.validator import TokenValidator
-from tests.helpers import AUDIENCE, ISSUER, JWKS_URI, OTHER_ISSUER, VO_MEMBER, Signer, discovery
+from tests.helpers import AUDIENCE, ISSUER, JWKS_URI, OTHER_ISSUER, VO_MEMBER, Signer, discovery, serve_keys
 
 OIDC = OidcSettings(http_timeout_seconds=1)
 
@@ -31,7 +31,7 @@ def _b64(data: dict[str, Any]) -> str:
 
 
 def _validator(http: httpx.AsyncClient, **issuer: Any) -> TokenValidator:
-    settings = IssuerSettings(issuer=ISSUER, audiences=(AUDIENCE,), **issuer)
+    settings = IssuerSettings(issuer=ISSUER, **{"audiences": (AUDIENCE,), **issuer})
     provider = ProviderClient(settings, http, OIDC)
     return TokenValidator({ISSUER: provider}, OIDC, max_token_bytes=16384)
 
@@ -533,3 +533,108 @@ async def test_jwt_from_an_unknown_issuer_is_never_introspected(httpx_mock: HTTP
             await _two_issuers(http).authenticate([f"Bearer {token}"])
     assert err.value.reason == "untrusted_issuer"
     assert httpx_mock.get_requests() == []
+
+
+# --- issue 15, item 12 --------------------------------------------------------------------------
+
+
+async def test_a_jwt_without_sub_is_refused_before_any_provider_call(httpx_mock: HTTPXMock) -> None:
+    """RFC 9068 §2.2: a JWT access token has `sub`. Without it, no userinfo call (whose failure would be a
+    503), however the issuer's subject is read."""
+    signer = Signer()
+    _serve_keys(httpx_mock, signer)
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(AuthenticationError) as err:
+            await _checkin_validator(http).authenticate([f"Bearer {_checkin_token(signer, sub=None)}"])
+    assert err.value.reason == "missing_subject" and err.value.status_code == 401
+    assert _requests_to(httpx_mock, USERINFO) == 0
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        pytest.param({"exp": float("inf")}, "missing_exp", id="exp-infinity"),
+        pytest.param({"exp": float("nan")}, "missing_exp", id="exp-nan"),
+        pytest.param({"nbf": float("nan")}, "token_not_yet_valid", id="nbf-nan"),
+        pytest.param({"nbf": float("-inf")}, "token_not_yet_valid", id="nbf-minus-infinity"),
+        pytest.param({"iat": float("nan")}, "token_issued_in_future", id="iat-nan"),
+        pytest.param({"iat": float("-inf")}, "token_issued_in_future", id="iat-minus-infinity"),
+    ],
+)
+async def test_non_finite_time_claims_are_refused(httpx_mock: HTTPXMock, claims: dict[str, Any], reason: str) -> None:
+    signer = Signer()
+    _serve_keys(httpx_mock, signer)
+    token = signer.token(**claims)
+    assert "NaN" in token_payload(token) or "Infinity" in token_payload(token)
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(AuthenticationError) as err:
+            await _validator(http).authenticate([f"Bearer {token}"])
+    assert err.value.reason == reason
+
+
+def token_payload(token: str) -> str:
+    segment = token.split(".")[1]
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)).decode()
+
+
+# --- issue 15, item 6: tokens meant for other services -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("claims", "accepted"),
+    [
+        pytest.param({"azp": "slurm-portal"}, True, id="azp-listed"),
+        pytest.param({"client_id": "interlink"}, True, id="client-id-listed"),
+        pytest.param({"azp": "slurm-portal", "client_id": "slurm-portal"}, True, id="both-agree"),
+        pytest.param({"azp": "some-other-rp"}, False, id="another-relying-party"),
+        pytest.param({"azp": "slurm-portal", "client_id": "some-other-rp"}, False, id="both-disagree"),
+        pytest.param({}, False, id="no-client-claim"),
+        pytest.param({"azp": ["slurm-portal"]}, False, id="not-a-string"),
+    ],
+)
+async def test_an_issuers_client_allow_list(httpx_mock: HTTPXMock, claims: dict[str, Any], accepted: bool) -> None:
+    """A Check-in token carries no `aud`: any relying party holding a user's token could replay it here,
+    unless the proxy accepts only the clients (`azp`/`client_id`) that are meant to call it."""
+    signer = Signer()
+    _serve_keys(httpx_mock, signer)
+    token = signer.token(aud=None, **claims)
+    async with httpx.AsyncClient() as http:
+        validator = _validator(http, audiences=(), clients=("slurm-portal", "interlink"))
+        if accepted:
+            assert (await validator.authenticate([f"Bearer {token}"])).subject == "alice@example.org"
+            return
+        with pytest.raises(AuthenticationError) as err:
+            await validator.authenticate([f"Bearer {token}"])
+    assert err.value.reason == "wrong_client" and err.value.status_code == 401
+
+
+async def test_an_opaque_tokens_client_is_the_introspection_answers(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(url=OPAQUE_INTROSPECT, json=_active(client_id="some-other-rp"))
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(AuthenticationError) as err:
+            await _two_issuers(http, clients=("slurm-portal",)).authenticate([f"Bearer {OPAQUE}"])
+    assert err.value.reason == "wrong_client"
+
+
+@pytest.mark.parametrize(
+    ("typ", "accepted"),
+    [
+        pytest.param("at+jwt", True, id="at+jwt"),
+        pytest.param("application/at+JWT", True, id="media-type-form"),
+        pytest.param("JWT", False, id="plain-jwt"),
+        pytest.param(None, False, id="no-typ"),
+    ],
+)
+async def test_require_at_jwt_checks_the_jose_header(httpx_mock: HTTPXMock, typ: str | None, accepted: bool) -> None:
+    """RFC 9068 §4: an issuer that types its access tokens `at+jwt` lets the proxy refuse its ID tokens."""
+    signer = serve_keys(httpx_mock, Signer())
+    token = signer.token(header={"typ": typ})
+    async with httpx.AsyncClient() as http:
+        validator = _validator(http, require_at_jwt=True)
+        if accepted:
+            await validator.authenticate([f"Bearer {token}"])
+            return
+        with pytest.raises(AuthenticationError) as err:
+            await validator.authenticate([f"Bearer {token}"])
+    assert err.value.reason == "wrong_token_type"
+    assert [r for r in httpx_mock.get_requests() if str(r.url) == JWKS_URI] == []  # refused before any key fetch

@@ -226,7 +226,7 @@ async def test_the_proxy_answers_404_and_readiness_lists_the_versions(
     async with app_client(settings) as client:
         old = await client.get("/slurm/v0.0.38/jobs", headers=token)
         new = await client.get("/slurm/v0.0.42/jobs", headers={"Authorization": token["Authorization"]})
-        ready = await client.get("/_slurmproxy/ready")
+        ready = await client.get("/_slurmproxy/ready", headers=token)
     assert old.status_code == 404
     body = old.json()
     assert body["errors"][0]["source"] == "slurmproxy"

@@ -82,7 +82,7 @@ async def _get(tmp_path: Path, signer: Signer, *paths: str, method: str = "GET")
     async with app_client(make_settings(tmp_path)) as client:
         headers = {"Authorization": f"Bearer {signer.token()}"}
         answers = [await client.request(method, p, headers=headers) for p in paths]
-        answers.append(await client.get("/_slurmproxy/ready"))
+        answers.append(await client.get("/_slurmproxy/ready", headers=headers))
     return answers
 
 

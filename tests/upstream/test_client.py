@@ -280,3 +280,20 @@ async def test_bytes_after_an_answer_are_never_read_as_an_answer(pause: float) -
     assert len(server.writers) == 2
     await pool.aclose()
     await server.stop()
+
+
+async def test_an_owners_share_is_given_back_when_a_request_fails(free_tcp_port: int) -> None:
+    """Issue 15, item 4: a request that never got an answer must not keep counting against its owner."""
+    pool = ConnectionPool(
+        f"http://127.0.0.1:{free_tcp_port}",
+        max_connections=4,
+        connect_timeout=2,
+        read_timeout=2,
+        idle_seconds=5,
+        max_per_owner=1,
+    )
+    for _ in range(3):  # refused connections, one after the other: never ConcurrencyLimitedError
+        with pytest.raises(UpstreamConnectError):
+            await pool.request("GET", "/x", [], owner="alice")
+    assert pool.connections_in_use == 0
+    await pool.aclose()

@@ -87,6 +87,7 @@ no such setting yet: the file is mounted and docs/operations.md says where).
 {{- $_ := set $cfg "policy" (dict "paths" (list "/etc/slurmproxy/policies")) }}
 {{- $metrics := deepCopy (get $cfg "metrics" | default dict) }}
 {{- $_ := set $metrics "enabled" .Values.metrics.enabled }}
+{{- $_ := set $metrics "port" (int .Values.metrics.port) }}
 {{- $_ := set $cfg "metrics" $metrics }}
 {{- $audit := deepCopy (get $cfg "audit" | default dict) }}
 {{- if and (eq (get $audit "sink" | default "stdout") "file") (not (get $audit "file")) }}
