@@ -160,6 +160,7 @@ class NullProbe:
         }
         self.volatile: set[str] = set()
         self.differences: dict[str, list[str]] = {}
+        self.submitted: list[int] = []
 
     def _headers(self) -> dict[str, str]:
         return {"X-SLURM-USER-NAME": "alice", "X-SLURM-USER-TOKEN": self._token}
@@ -173,6 +174,7 @@ class NullProbe:
             return response.status_code, None
         job_id = data.get("job_id") if isinstance(data, dict) else None
         if response.status_code == 200 and job_id:
+            self.submitted.append(int(job_id))
             return 200, int(job_id)
         errors = data.get("errors") or [] if isinstance(data, dict) else []
         numbers = sorted(str(e.get("error_number", e.get("error_code", e.get("errno")))) for e in errors)
@@ -239,8 +241,14 @@ class NullProbe:
             self.differences[field] = sorted(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differing)
         return "unset" if not differing else "changes"
 
+    def cancel(self) -> None:
+        """Cancel the jobs this probe submitted (and only those: a test session shares the cluster)."""
+        while self.submitted:
+            batch, self.submitted = self.submitted[:200], self.submitted[200:]
+            self.cluster.slurm_cmd(["scancel", *map(str, batch)], check=False)
+
     def close(self) -> None:
-        self.cluster.slurm_cmd(["scancel", "-u", "alice"], check=False)
+        self.cancel()
         self.client.close()
 
 
@@ -252,7 +260,7 @@ def measure_nulls(cluster: SlurmCluster, version: str, fields: Iterable[str]) ->
         for n, field in enumerate(sorted(set(fields) - _SKIPPED)):
             out[field] = probe.verdict(field)
             if n % 20 == 19:
-                cluster.slurm_cmd(["scancel", "-u", "alice"], check=False)
+                probe.cancel()
         return out
     finally:
         probe.close()

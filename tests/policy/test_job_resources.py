@@ -377,3 +377,11 @@ async def test_an_array_counts_the_cpus_of_every_task_that_may_run_at_once(
     assert (answer["reason"], answer["field"]) == ("job_cpus_exceeded", "job.array")
     sent = await forwarded(tmp_path, signer, upstream, "v0.0.42", submit_body("v0.0.42", array="0-99999%4"), max_cpus=4)
     assert sent["job"]["array"] == "0-99999%4"
+
+
+async def test_argv_is_not_forwarded_to_v0_0_38_whose_slurmrestd_crashes_on_it(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
+) -> None:
+    answer = await refused(tmp_path, signer, "v0.0.38", "job/submit", submit_body("v0.0.38", argv=["a"]), max_time=9)
+    assert (answer["status"], answer["reason"], answer["field"]) == (403, "job_field_unsafe", "job.argv")
+    assert upstream.get_requests() == []

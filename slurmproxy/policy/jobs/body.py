@@ -20,7 +20,7 @@ from typing import Any
 
 from slurmproxy.core.slurmrest import Dialect, JobKind
 from slurmproxy.errors import JobBodyError, JobPolicyError
-from slurmproxy.policy.jobs.fields import FORBIDDEN_FIELDS
+from slurmproxy.policy.jobs.fields import CRASHES_SLURMRESTD, FORBIDDEN_FIELDS
 from slurmproxy.policy.jobs.schema import VersionRules, conforms, describe, rules_for
 
 MAX_COMPONENTS = 128
@@ -105,6 +105,11 @@ def _check_component(where: str, component: Any, rules: VersionRules) -> dict[st
             continue
         if not conforms(value, shape, rules.dialect):
             raise body_error(name, f"{name} must be {describe(shape)} ({rules.version})")
+        crash = CRASHES_SLURMRESTD.get(rules.version, {}).get(key)
+        if crash is not None and value:
+            raise JobPolicyError(
+                name, f"{name} is not forwarded to {rules.version}: {crash}", reason="job_field_unsafe"
+            )
         if key == "environment" and not (_env_list(value) if isinstance(value, list) else _env_object(value)):
             wanted = 'a list of "NAME=value" strings' if rules.dialect == "data_parser" else 'NAME: "value" pairs'
             raise body_error(name, f"{name} must be {wanted}")

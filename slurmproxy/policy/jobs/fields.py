@@ -156,5 +156,11 @@ THREAD_FIELDS = frozenset({"threads_per_core", "tasks_per_core", "cpu_binding_hi
 """Fields that make Slurm allocate whole cores: up to threads-per-core times the CPUs counted."""
 RESOURCE_FIELDS = NODE_FIELDS | CPU_FIELDS | GPU_FIELDS | MEMORY_FIELDS | WHOLE_NODE_FIELDS | THREAD_FIELDS | {"array"}
 
+CRASHES_SLURMRESTD: dict[str, dict[str, str]] = {
+    "v0.0.38": {"argv": "slurmrestd 22.05 crashes on any argv but an empty list (measured with 22.05.8)"},
+}
+"""Values a version's slurmrestd crashes on (beyond ``null``, which the committed rules cover): refused
+whatever the rule, so that no caller can take slurmrestd down for everyone."""
+
 KNOWN_FIELDS = ALLOWED
 """The fields a rule's ``extra_fields`` need not (and may not) name again."""
