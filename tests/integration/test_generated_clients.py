@@ -20,6 +20,7 @@ The functions are found the way a user of the client finds them, by the document
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 import typing
@@ -115,7 +116,7 @@ def generated(slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> 
     assert all("/properties/" in where for where in repaired), repaired
     name = f"slurm_client_{slurm.generation.replace('.', '')}"
     workdir = tmp_path_factory.mktemp(f"client-{slurm.generation}")
-    (workdir / "openapi.json").write_text(__import__("json").dumps(document))
+    (workdir / "openapi.json").write_text(json.dumps(document))
     (workdir / "config.yaml").write_text(
         f"project_name_override: {name}\npackage_name_override: {name}\npost_hooks: []\n"
     )
@@ -160,7 +161,13 @@ def drive(generated: Generated, client: Any, slurm: SlurmCluster, version: str) 
     shown = send(generated.operation("GET", f"{api}/job/{{job_id}}"), client, str(job_id))
     assert shown.status == 200 and int(shown.parsed.jobs[0].job_id) == job_id, (version, shown)
     listed = send(generated.operation("GET", f"{api}/jobs/"), client)
-    assert listed.status == 200 and job_id in {int(j.job_id) for j in listed.parsed.jobs}, (version, listed)
+    assert listed.status == 200, (version, listed)
+    if listed.parsed is not None:
+        assert job_id in {int(j.job_id) for j in listed.parsed.jobs}, version
+    else:  # another job of the session is pending or was cancelled while pending: its job_resources is null
+        jobs = json.loads(listed.text)["jobs"]
+        assert job_id in {j["job_id"] for j in jobs} and any(j.get("job_resources", {}) is None for j in jobs)
+        unparsable.append(f"{version} list ({listed.unparsable}): a job's job_resources is null")
 
     update = generated.operation("POST", f"{api}/job/{{job_id}}")
     comment = {"comment": f"updated by the generated {version} client"}
