@@ -124,6 +124,8 @@ class JobPolicyError(AuthorizationError):
         super().__init__(detail, reason=reason)
         self.field = field
         self.rule_id: str | None = None
+        if field:
+            self.fields["field"] = field
 
 
 class IdentityMappingError(ProxyError):

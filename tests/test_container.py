@@ -100,6 +100,10 @@ def test_install_steps_give_a_working_proxy_with_runtime_dependencies_only(tmp_p
     for absent in ("pip", "pytest", "jsonschema", "mypy", "helm_python"):
         probe = subprocess.run([python, "-c", f"import {absent}"], capture_output=True, timeout=60)
         assert probe.returncode != 0, f"{absent} must not be in the runtime environment"
+    # the job-body rules are package data (slurmproxy/policy/jobs/openapi/*.json): installed too
+    rules = "from slurmproxy.policy.jobs.schema import known_versions; print(' '.join(known_versions()))"
+    versions = subprocess.run([python, "-c", rules], capture_output=True, text=True, timeout=60)
+    assert {"v0.0.38", "v0.0.42", "v0.0.45"} <= set(versions.stdout.split()), versions.stdout + versions.stderr
 
     port = _free_port()
     (tmp_path / "jwt.key").write_bytes(b"k" * 32)

@@ -7,9 +7,8 @@ the config of systemd/config.yaml, the secrets in a credentials directory named 
 
 from __future__ import annotations
 
-import json
-import re
 import os
+import re
 import shlex
 import signal
 import ssl

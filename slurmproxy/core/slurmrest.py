@@ -118,6 +118,17 @@ def credential_probe_path(version: str) -> str:
     return f"/slurm/{version}/job/0"
 
 
+def credential_probe(version: str) -> tuple[str, str]:
+    """(method, path) of a cheap request to slurmctld that tells whether a credential is accepted.
+
+    v0.0.38: ``DELETE …/job/0`` (2017 accepted, 5005 rejected). Later versions refuse job 0 in the
+    path parser without asking slurmctld (422), so: ``GET …/licenses`` (200 accepted, 511 rejected).
+    """
+    if is_legacy(version):
+        return "DELETE", credential_probe_path(version)
+    return "GET", f"/slurm/{version}/licenses"
+
+
 def compile_path(pattern: str) -> re.Pattern[str]:
     """A path pattern as an anchored regular expression; ValueError naming the problem."""
     if not pattern.startswith("/"):

@@ -16,7 +16,7 @@ from typing import Any
 from slurmproxy.core.entitlements import parse_all
 from slurmproxy.core.paths import canonical_path
 from slurmproxy.core.principal import Principal
-from slurmproxy.core.slurmrest import dialect_of, job_request
+from slurmproxy.core.slurmrest import job_request
 from slurmproxy.errors import JobPolicyError, ProxyError
 from slurmproxy.identity import IdentityMapper
 from slurmproxy.policy.jobs.body import JobBody, parse_job_body
@@ -95,7 +95,7 @@ def _decide(out: Explanation, found: Found, body: bytes | None) -> tuple[Candida
     request = job_request(out.method, out.path)
     if request is not None and body is not None:
         try:
-            job = parse_job_body(request.kind, dialect_of(request.version), body)
+            job = parse_job_body(request.kind, request.version, body)
         except ProxyError:
             out.notes.append("the body was refused before any rule's job constraints were checked")
             raise

@@ -91,6 +91,8 @@ class Authorizer:
             authorized = await self._check_job(policy, principal, request, decision, read_body)
         except ProxyError as error:
             error.rule = error.rule or ref_of(decision)
+            if "field" in error.fields:  # a job body refused: say under which rule (its own, or the operation's)
+                error.fields.setdefault("rule", decision.rule.id)
             raise
         try:
             assert authorized.decision.rule is not None

@@ -8,7 +8,19 @@ from dataclasses import dataclass
 from slurmproxy.policy.model import JobSpec
 
 _TIME = re.compile(r"(?:(?P<days>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?")
+_SIZE = re.compile(r"(?P<number>[0-9]{1,15})(?P<unit>[KMGTkmgt]?)")
+_UNIT_MB = {"k": 1 / 1024, "m": 1, "": 1, "g": 1024, "t": 1024 * 1024}
 MAX_MINUTES = 365 * 24 * 60
+
+
+def slurm_megabytes(value: int | str) -> int:
+    """A memory size as Slurm writes it (``--mem``), in MB: ``1024``, ``"512M"``, ``"16G"``, ``"1T"``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE.fullmatch(str(value).strip())
+    if match is None:
+        raise ValueError(f"not a memory size: {value!r} (MB, or a number with K, M, G or T)")
+    return int(-(-int(match["number"]) * _UNIT_MB[match["unit"].lower()] // 1))
 
 
 def slurm_minutes(value: int | str) -> int:
@@ -54,6 +66,10 @@ class JobLimits:
     default_minutes: int | None = None
     max_nodes: int | None = None
     max_cpus: int | None = None
+    max_gpus: int | None = None
+    max_memory_mb: int | None = None
+    default_memory_mb: int | None = None
+    max_array_tasks: int | None = None
     extra_fields: frozenset[str] = frozenset()
 
     def describe(self) -> dict[str, object]:
@@ -63,7 +79,17 @@ class JobLimits:
             values = getattr(self, name)
             if values is not None:
                 out[name] = sorted(values)
-        for name in ("default_account", "default_partition", "default_qos", "max_nodes", "max_cpus"):
+        for name in (
+            "default_account",
+            "default_partition",
+            "default_qos",
+            "max_nodes",
+            "max_cpus",
+            "max_gpus",
+            "max_memory_mb",
+            "default_memory_mb",
+            "max_array_tasks",
+        ):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.max_minutes is not None:
@@ -79,6 +105,27 @@ def _default(values: list[str] | None, default: str | None) -> str | None:
     if default is not None:
         return default
     return values[0] if values else None
+
+
+def _memory_limits(spec: JobSpec, errors: list[str]) -> tuple[int | None, int | None]:
+    memory: dict[str, int | None] = {"max_memory": None, "default_memory": None}
+    for name in memory:
+        raw_size = getattr(spec, name)
+        if raw_size is None:
+            continue
+        try:
+            memory[name] = slurm_megabytes(raw_size)
+        except ValueError as exc:
+            errors.append(f"{name}: {exc}")
+            continue
+        if memory[name] == 0:
+            errors.append(f"{name}: 0 would mean all the memory of each node to Slurm")
+    max_memory, default_memory = memory["max_memory"], memory["default_memory"]
+    if default_memory and not max_memory:
+        errors.append("default_memory: only with max_memory (without it Slurm's own default applies)")
+    if max_memory and default_memory and default_memory > max_memory:
+        errors.append(f"default_memory: {spec.default_memory!r} is more than max_memory {spec.max_memory!r}")
+    return max_memory, default_memory
 
 
 def compile_limits(spec: JobSpec, forbidden: frozenset[str], known: frozenset[str]) -> tuple[JobLimits, list[str]]:
@@ -103,6 +150,7 @@ def compile_limits(spec: JobSpec, forbidden: frozenset[str], known: frozenset[st
             default_minutes = minutes
     if max_minutes is not None and default_minutes is not None and default_minutes > max_minutes:
         errors.append(f"default_time: {spec.default_time!r} is longer than max_time {spec.max_time!r}")
+    max_memory, default_memory = _memory_limits(spec, errors)
     for n, name in enumerate(spec.extra_fields):
         if name in forbidden:
             errors.append(f"extra_fields[{n}]: {name!r} can never be allowed (the proxy decides who runs the job)")
@@ -121,6 +169,10 @@ def compile_limits(spec: JobSpec, forbidden: frozenset[str], known: frozenset[st
         default_minutes=default_minutes if default_minutes is not None else max_minutes,
         max_nodes=spec.max_nodes,
         max_cpus=spec.max_cpus,
+        max_gpus=spec.max_gpus,
+        max_memory_mb=max_memory or None,
+        default_memory_mb=default_memory or None,
+        max_array_tasks=spec.max_array_tasks,
         extra_fields=frozenset(spec.extra_fields),
     )
     return limits, errors

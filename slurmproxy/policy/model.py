@@ -85,6 +85,14 @@ class JobSpec(_Model):
     default_time: int | str | None = Field(None, description="Time limit of jobs that set none. Default: max_time.")
     max_nodes: int | None = Field(None, ge=1, description="Most nodes a job may ask for.")
     max_cpus: int | None = Field(None, ge=1, description="Most CPUs a job may ask for (tasks x cpus_per_task).")
+    max_gpus: int | None = Field(None, ge=0, description="Most GPUs a job may ask for (gres/gpu).")
+    max_memory: int | str | None = Field(
+        None, description="Most memory a job may ask for in total: MB, or a size such as 16G."
+    )
+    default_memory: int | str | None = Field(
+        None, description="Memory of jobs that ask for none (with max_memory). Default: max_memory."
+    )
+    max_array_tasks: int | None = Field(None, ge=1, description="Most tasks of a job array.")
     extra_fields: list[str] = Field(default_factory=list, description="Job fields allowed beyond the built-in list.")
 
     _names = field_validator("accounts", "partitions", "qos")(_slurm_names)

@@ -22,6 +22,19 @@ What each generation answers (measured with devstack; see devstack/README.md):
   ``PROBE_CACHE_SECONDS``; if it does not answer within ``PROBE_TIMEOUT_SECONDS`` slurmrestd's
   answer is passed on. Every other 500 (a bad partition: 2000, an unknown job: 2017, …) is
   slurmrestd's answer to the request and is passed on unchanged.
+* **26.05 (v0.0.42–v0.0.45)**: as 24.11, HTTP 511 with 1007 (also on ``DELETE``). What changed
+  elsewhere is not a credential rejection and passes on: refused submissions are 422, a mapped
+  account unknown to slurmctld's host is 500 with 6010 ``Rejecting authentication of user nobody``,
+  an unparsable query string is a text/plain 500.
+
+Accounting (``/slurmdb/…``, slurmrestd asks slurmdbd with the same credential):
+
+* **24.11 and 26.05**: a rejected credential is HTTP 502 with 7000 ``Unable to connect to database``,
+  exactly as when slurmdbd is down. So the proxy confirms with ``GET /slurm/<version>/licenses``
+  under the same credential (slurmctld answers 200 to an accepted credential, 511 to a rejected one),
+  cached like the 22.05 probe; with slurmctld accepting it, the 502 is slurmdbd's and is passed on.
+* **22.05**: 1007 in the body, with HTTP 500 (``…/accounts``) or even HTTP 200 (``…/jobs``): a 200
+  from ``/slurmdb/v0.0.38/…`` is inspected too (its first 64 KiB; a larger answer is no rejection).
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ from typing import Any, Literal
 from cachetools import TTLCache
 
 from slurmproxy.core.flight import SingleFlight
-from slurmproxy.core.slurmrest import credential_probe_path, is_legacy, requested_api
+from slurmproxy.core.slurmrest import credential_probe, is_legacy, requested_api
 from slurmproxy.errors import ProxyError, UpstreamAuthFailed
 from slurmproxy.upstream.client import ConnectionPool
 from slurmproxy.upstream.exchange import UpstreamResponse, fetch
@@ -55,6 +68,8 @@ ZERO_BYTES = 5005  # 22.05: slurmctld closed the connection without an answer
 UNSPECIFIED = -1  # 22.05 read handlers: errno lost
 UNEXPECTED_MESSAGE = 1000  # 22.05 job update
 INVALID_JOB_ID = 2017
+DATABASE_UNREACHABLE = 7000  # 24.11+: /slurmdb with a rejected credential, or slurmdbd down
+ACCOUNTING = "slurmdb"
 KNOWN = {
     PROTOCOL_AUTHENTICATION_ERROR: "Protocol authentication error",
     ZERO_BYTES: "Zero Bytes were transmitted or received",
@@ -87,7 +102,17 @@ def _is(entry: tuple[int | None, str], number: int) -> bool:
     return entry[0] == number or entry[1] == KNOWN.get(number)
 
 
-def classify(status: int, body: bytes, version: str | None) -> tuple[Verdict, str]:
+def inspected(status: int, api: tuple[str, str] | None) -> bool:
+    """Whether an answer of this status, to a request under ``api`` (``("slurm", "v0.0.42")``), may mean
+    that the proxy's credential was rejected (see the module docstring)."""
+    if status in INSPECTED_STATUSES:
+        return True
+    if api is None or api[0] != ACCOUNTING:
+        return False
+    return status == (200 if is_legacy(api[1]) else 502)
+
+
+def classify(status: int, body: bytes, version: str | None, root: str = "slurm") -> tuple[Verdict, str]:
     """Whether an answer means the proxy's credential was rejected, and a fixed description of why."""
     if status == 401:
         return "rejected", "HTTP 401: slurmrestd refused the proxy's credential headers"
@@ -100,6 +125,9 @@ def classify(status: int, body: bytes, version: str | None) -> tuple[Verdict, st
             "ambiguous",
             f"HTTP 500; a probe with the same credential got Slurm error {ZERO_BYTES} {KNOWN[ZERO_BYTES]}",
         )
+    accounting = root == ACCOUNTING and version is not None and not is_legacy(version)
+    if status == 502 and accounting and any(e[0] == DATABASE_UNREACHABLE for e in errors):
+        return "ambiguous", "HTTP 502 from slurmdbd (7000); a probe of slurmctld with the same credential got HTTP 511"
     return "other", ""
 
 
@@ -135,11 +163,12 @@ class UpstreamAuthCheck:
 
     async def _probe_once(self, version: str, headers: list[tuple[bytes, bytes]]) -> bool | None:
         """True: credential rejected; False: accepted; None: no clear answer (slurmctld down, timeout)."""
+        method, path = credential_probe(version)
         try:
             status, body = await fetch(
                 self._client,
-                "DELETE",
-                credential_probe_path(version),
+                method,
+                path,
                 [(b"x-request-id", b"slurmproxy-credential-probe"), *headers],
                 limit=MAX_ERROR_BODY,
                 timeout=self._probe_timeout,
@@ -152,6 +181,8 @@ class UpstreamAuthCheck:
         if any(_is(e, ZERO_BYTES) for e in errors):
             return True
         if status == 404 or any(e[0] == INVALID_JOB_ID for e in errors):
+            return False
+        if status == 200 and method == "GET":
             return False
         return None
 
@@ -180,14 +211,14 @@ class UpstreamAuthCheck:
         self, upstream: UpstreamResponse, *, path: str, user: str, headers: list[tuple[bytes, bytes]]
     ) -> None:
         """Raise UpstreamAuthFailed, after closing ``upstream``, if the credential was rejected."""
-        if upstream.status_code not in INSPECTED_STATUSES:
+        api = requested_api(path)
+        if not inspected(upstream.status_code, api):
             return
         encoding = dict((k.lower(), v) for k, v in upstream.headers).get(b"content-encoding", b"identity")
         body = await upstream.peek(MAX_ERROR_BODY) if encoding == b"identity" else None
         if body is None:
             return
-        api = requested_api(path)
-        verdict, why = classify(upstream.status_code, body, api[1] if api else None)
+        verdict, why = classify(upstream.status_code, body, api[1] if api else None, api[0] if api else "slurm")
         if verdict == "ambiguous":
             assert api is not None
             verdict = "rejected" if await self._probe(api[1], user, headers) else "other"

@@ -1,4 +1,4 @@
-"""Session-wide real components: Slurm 22.05, the OpenID provider, and factories for proxy servers.
+"""Session-wide real components: Slurm 22.05, 24.11 and 26.05, the OpenID provider, and factories for proxy servers.
 
 Nothing here skips: a component that cannot start raises, and the run fails.
 """
@@ -26,12 +26,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
-GENERATIONS = ["22.05", "24.11"]
+GENERATIONS = ["22.05", "24.11", "26.05"]
 
 
 @pytest.fixture(scope="session", params=GENERATIONS, ids=[f"slurm-{g}" for g in GENERATIONS])
 def slurm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """Every integration test runs against Slurm 22.05 (v0.0.38) and 24.11 (v0.0.40 to v0.0.42)."""
+    """Every integration test runs against Slurm 22.05 (v0.0.38), 24.11 (v0.0.40 to v0.0.42) and 26.05
+    (v0.0.42 to v0.0.45)."""
     with SlurmCluster(tmp_path_factory.mktemp(f"slurm-{request.param}"), request.param) as cluster:
         yield cluster
 
@@ -149,6 +150,13 @@ def job_body(
 
 
 def ping_up(body: dict[str, Any]) -> bool:
-    """Whether a ping answer says slurmctld is up, in v0.0.38 (``ping``) or v0.0.40+ (``pinged``) shape."""
+    """Whether a ping answer says slurmctld is up: v0.0.38 ``ping: "UP"``, v0.0.40 to v0.0.44
+    ``pinged: "UP"``, v0.0.45 (26.05) ``responding: true`` (it has no ``pinged``)."""
     pings = body.get("pings") or []
-    return bool(pings) and all(p.get("ping", p.get("pinged")) == "UP" for p in pings)
+
+    def up(ping: dict[str, Any]) -> bool:
+        if "responding" in ping:
+            return ping["responding"] is True
+        return ping.get("ping", ping.get("pinged")) == "UP"
+
+    return bool(pings) and all(up(p) for p in pings)

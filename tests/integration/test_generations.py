@@ -1,7 +1,8 @@
 """Issue 9: the proxy against both Slurm generations, every API version each one serves.
 
-22.05 serves v0.0.38; 24.11 serves v0.0.40, v0.0.41 and v0.0.42 from one slurmrestd. Each test runs
-on both (the ``slurm`` fixture) and loops over every version the cluster serves.
+22.05 serves v0.0.38; 24.11 serves v0.0.40, v0.0.41 and v0.0.42 from one slurmrestd; 26.05 serves
+v0.0.42 to v0.0.45. Each test runs on every generation (the ``slurm`` fixture) and loops over every
+version the cluster serves.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from tests.integration.conftest import (
     site_policy,
 )
 
-NOT_SERVED = {"22.05": ["v0.0.37", "v0.0.40", "v0.0.42"], "24.11": ["v0.0.38", "v0.0.39", "v0.0.43"]}
+NOT_SERVED = {
+    "22.05": ["v0.0.37", "v0.0.40", "v0.0.42"],
+    "24.11": ["v0.0.38", "v0.0.39", "v0.0.43"],
+    "26.05": ["v0.0.40", "v0.0.41", "v0.0.46"],
+}
+REFUSED_SUBMIT_STATUS = {"22.05": 500, "24.11": 500, "26.05": 422}
+"""What slurmrestd answers a submission slurmctld refuses (a bad partition): 26.05 says 422."""
 
 
 def the_record(proxy: ProxyServer, request_id: str) -> dict[str, Any]:
@@ -39,7 +46,7 @@ def the_record(proxy: ProxyServer, request_id: str) -> dict[str, Any]:
 
 
 def generation(slurm: SlurmCluster) -> str:
-    return "22.05" if slurm.api_versions == ["v0.0.38"] else "24.11"
+    return slurm.generation
 
 
 def wait_for(predicate: Any, timeout: float = 30, what: str = "condition") -> None:
@@ -144,9 +151,9 @@ def test_no_client_authorization_header_reaches_slurmrestd(
     slurm_token = slurm.mint_token("alice", lifespan=300)
     witness_headers = {"X-SLURM-USER-NAME": "alice", "X-SLURM-USER-TOKEN": slurm_token, "Authorization": "Bearer x"}
     witness = httpx.get(f"{slurm.url}/slurm/{slurm.api_versions[-1]}/jobs", headers=witness_headers, timeout=30)
-    if generation(slurm) == "24.11":
-        # 24.11 refuses a request carrying Authorization next to the X-SLURM headers: a 200 through the
-        # proxy proves the client's Authorization header never got there.
+    if generation(slurm) != "22.05":
+        # 24.11 and 26.05 refuse a request carrying Authorization next to the X-SLURM headers: a 200
+        # through the proxy proves the client's Authorization header never got there.
         assert witness.status_code == 401, witness.text
     else:
         assert witness.status_code == 200  # 22.05 ignores the header: it cannot witness its absence
@@ -169,12 +176,12 @@ def test_job_errors_pass_through_unchanged(
         body = job_body(version, slurm.job_dir("alice"), partition="no-such-partition")
         rid = f"{request_id}-{version}"
         bad = call(proxy, "POST", f"/slurm/{version}/job/submit", token=token, request_id=rid, json=body)
-        assert bad.status_code == 500, (version, bad.text)
+        assert bad.status_code == REFUSED_SUBMIT_STATUS[generation(slurm)], (version, bad.text)
         errors = bad.json()["errors"]
         assert errors[0].get("error_number", errors[0].get("error_code")) == 2000, errors
         assert errors[0]["error"] == "Invalid partition name specified"
         record = the_record(proxy, rid)
-        assert record["decision"] == "allow" and record["status"] == 500 and record["upstream_status"] == 500
+        assert record["decision"] == "allow" and record["status"] == record["upstream_status"] == bad.status_code
 
         missing = call(proxy, "GET", f"/slurm/{version}/job/4000000", token=token)
         assert missing.status_code == (500 if version == "v0.0.38" else 404), (version, missing.text)
@@ -224,7 +231,7 @@ def test_a_rejected_proxy_credential_is_502_upstream_auth_failed(
     ping = call(wrong_key_proxy, "GET", f"/slurm/{slurm.api_versions[-1]}/ping", token=token)
     if generation(slurm) == "22.05":
         assert ping.status_code == 502 and ping.json()["slurmproxy"]["reason"] == "upstream_auth_failed"
-    else:  # 24.11's ping does not check the credential: slurmctld just looks "DOWN" (after ~10 s)
+    else:  # 24.11's and 26.05's ping do not check the credential: slurmctld just looks down
         assert ping.status_code == 200 and not ping_up(ping.json()), ping.text
     assert "X-SLURM-USER-TOKEN" not in wrong_key_proxy.audit_path.read_text()
     assert "eyJ" not in wrong_key_proxy.audit_path.read_text() + wrong_key_proxy.log_path.read_text()

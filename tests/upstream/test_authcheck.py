@@ -10,10 +10,11 @@ import httpx
 import pytest
 from pytest_httpx import HTTPXMock
 
+from slurmproxy.upstream import authcheck
 from slurmproxy.upstream.authcheck import classify, slurm_errors
 from tests.asgi import app_client
 from tests.fakeupstream import ThreadedFakeSlurmrestd as Upstream
-from tests.helpers import UPSTREAM, Signer, make_settings
+from tests.helpers import UPSTREAM, Signer, basic_policy, make_settings
 
 V38_JOBS = "/slurm/v0.0.38/jobs"
 V38_SUBMIT = "/slurm/v0.0.38/job/submit"
@@ -35,33 +36,55 @@ UPDATE_UNEXPECTED = errors({"error_number": 1000, "error": "Unexpected message r
 BAD_PARTITION = errors({"error_code": 2000, "error": "Invalid partition name specified"})
 INVALID_JOB = errors({"error_number": 2017, "error": "Invalid job id specified", "source": "slurm_kill_job"})
 CTLD_DOWN = errors({"error_code": 1800, "error": "Unable to contact slurm controller (connect failure)"})
+DB_7000 = errors({"error_number": 7000, "error": "Unable to connect to database", "source": "slurmdb_connection_get"})
 AUTH_1007 = errors({"error_number": 1007, "error": "Protocol authentication error", "source": "slurm_load_jobs()"})
 
 
 @pytest.mark.parametrize(
-    ("status", "body", "version", "verdict"),
+    ("status", "body", "version", "verdict", "root"),
     [
-        pytest.param(401, b"Authentication failure", None, "rejected", id="rest-auth-401"),
-        pytest.param(511, AUTH_1007, "v0.0.42", "rejected", id="24.11-511"),
-        pytest.param(511, b"", "v0.0.42", "rejected", id="24.11-511-no-body"),
-        pytest.param(500, AUTH_1007, "v0.0.41", "rejected", id="23.02-24.05-500-1007"),
-        pytest.param(500, LOAD_JOBS_UNSPECIFIED, "v0.0.38", "ambiguous", id="22.05-read"),
-        pytest.param(500, NODES_UNSPECIFIED, "v0.0.38", "ambiguous", id="22.05-nodes-errno"),
-        pytest.param(500, SUBMIT_ZERO_BYTES, "v0.0.38", "ambiguous", id="22.05-submit"),
-        pytest.param(500, KILL_ZERO_BYTES, "v0.0.37", "ambiguous", id="22.05-older-plugin"),
-        pytest.param(500, UPDATE_UNEXPECTED, "v0.0.38", "ambiguous", id="22.05-update"),
-        pytest.param(500, BAD_PARTITION, "v0.0.38", "other", id="22.05-bad-partition"),
-        pytest.param(500, INVALID_JOB, "v0.0.38", "other", id="22.05-unknown-job"),
-        pytest.param(500, CTLD_DOWN, "v0.0.38", "other", id="22.05-slurmctld-down-on-submit"),
-        pytest.param(500, LOAD_JOBS_UNSPECIFIED, "v0.0.40", "other", id="24.11-unspecified"),
-        pytest.param(500, BAD_PARTITION, "v0.0.42", "other", id="24.11-bad-partition"),
-        pytest.param(500, b"<html>oops</html>", "v0.0.38", "other", id="not-json"),
-        pytest.param(500, LOAD_JOBS_UNSPECIFIED, None, "other", id="unversioned-path"),
-        pytest.param(502, CTLD_DOWN, "v0.0.42", "other", id="24.11-502"),
+        pytest.param(401, b"Authentication failure", None, "rejected", "slurm", id="rest-auth-401"),
+        pytest.param(511, AUTH_1007, "v0.0.42", "rejected", "slurm", id="24.11-511"),
+        pytest.param(511, b"", "v0.0.42", "rejected", "slurm", id="24.11-511-no-body"),
+        pytest.param(500, AUTH_1007, "v0.0.41", "rejected", "slurm", id="23.02-24.05-500-1007"),
+        pytest.param(500, LOAD_JOBS_UNSPECIFIED, "v0.0.38", "ambiguous", "slurm", id="22.05-read"),
+        pytest.param(500, NODES_UNSPECIFIED, "v0.0.38", "ambiguous", "slurm", id="22.05-nodes-errno"),
+        pytest.param(500, SUBMIT_ZERO_BYTES, "v0.0.38", "ambiguous", "slurm", id="22.05-submit"),
+        pytest.param(500, KILL_ZERO_BYTES, "v0.0.37", "ambiguous", "slurm", id="22.05-older-plugin"),
+        pytest.param(500, UPDATE_UNEXPECTED, "v0.0.38", "ambiguous", "slurm", id="22.05-update"),
+        pytest.param(500, BAD_PARTITION, "v0.0.38", "other", "slurm", id="22.05-bad-partition"),
+        pytest.param(500, INVALID_JOB, "v0.0.38", "other", "slurm", id="22.05-unknown-job"),
+        pytest.param(500, CTLD_DOWN, "v0.0.38", "other", "slurm", id="22.05-slurmctld-down-on-submit"),
+        pytest.param(500, LOAD_JOBS_UNSPECIFIED, "v0.0.40", "other", "slurm", id="24.11-unspecified"),
+        pytest.param(500, BAD_PARTITION, "v0.0.42", "other", "slurm", id="24.11-bad-partition"),
+        pytest.param(500, b"<html>oops</html>", "v0.0.38", "other", "slurm", id="not-json"),
+        pytest.param(500, LOAD_JOBS_UNSPECIFIED, None, "other", "slurm", id="unversioned-path"),
+        pytest.param(502, CTLD_DOWN, "v0.0.42", "other", "slurm", id="24.11-502"),
+        pytest.param(502, DB_7000, "v0.0.42", "other", "slurm", id="24.11-slurm-7000"),
+        pytest.param(502, DB_7000, "v0.0.42", "ambiguous", "slurmdb", id="24.11-slurmdb-7000"),
+        pytest.param(502, DB_7000, "v0.0.45", "ambiguous", "slurmdb", id="26.05-slurmdb-7000"),
+        pytest.param(502, CTLD_DOWN, "v0.0.45", "other", "slurmdb", id="26.05-slurmdb-other"),
+        pytest.param(200, AUTH_1007, "v0.0.38", "rejected", "slurmdb", id="22.05-slurmdb-200-1007"),
+        pytest.param(511, AUTH_1007, "v0.0.45", "rejected", "slurm", id="26.05-511"),
     ],
 )
-def test_classify(status: int, body: bytes, version: str | None, verdict: str) -> None:
-    assert classify(status, body, version)[0] == verdict
+def test_classify(status: int, body: bytes, version: str | None, verdict: str, root: str) -> None:
+    assert classify(status, body, version, root)[0] == verdict
+
+
+@pytest.mark.parametrize(
+    ("status", "api", "inspected"),
+    [
+        (200, ("slurm", "v0.0.38"), False),
+        (200, ("slurmdb", "v0.0.38"), True),
+        (200, ("slurmdb", "v0.0.42"), False),
+        (502, ("slurmdb", "v0.0.42"), True),
+        (502, ("slurm", "v0.0.45"), False),
+        (511, None, True),
+    ],
+)
+def test_which_answers_are_inspected(status: int, api: tuple[str, str] | None, inspected: bool) -> None:
+    assert authcheck.inspected(status, api) is inspected
 
 
 def test_slurm_errors_reads_every_spelling_of_the_number() -> None:
@@ -203,3 +226,44 @@ async def test_compressed_error_bodies_are_not_inspected(tmp_path: Path, signer:
     async with app_client(make_settings(tmp_path)) as client:
         response = await client.get(V42_JOBS, headers={"Authorization": f"Bearer {signer.token()}"})
     assert response.status_code == 500 and response.content == AUTH_1007
+
+
+ACCOUNTING_POLICY = basic_policy(allow=["read-only", "read-accounting"])
+DB_JOBS = "/slurmdb/v0.0.45/jobs"
+LICENSES = f"{UPSTREAM}/slurm/v0.0.45/licenses"
+
+
+@pytest.mark.parametrize(
+    ("probe", "status", "reason"),
+    [
+        pytest.param({"status_code": 511, "content": AUTH_1007}, 502, "upstream_auth_failed", id="credential-rejected"),
+        pytest.param({"status_code": 200, "json": {"licenses": []}}, 502, None, id="slurmdbd-down"),
+    ],
+)
+@pytest.mark.anyio
+async def test_accounting_502_is_told_apart_by_a_probe_of_slurmctld(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream, probe: Any, status: int, reason: Any
+) -> None:
+    """24.11 and 26.05 answer /slurmdb with a rejected credential exactly as with slurmdbd down."""
+    upstream.add_response(url=f"{UPSTREAM}{DB_JOBS}", status_code=502, content=DB_7000)
+    upstream.add_response(url=LICENSES, **probe)
+    async with app_client(make_settings(tmp_path, ACCOUNTING_POLICY)) as client:
+        response = await client.get(DB_JOBS, headers={"Authorization": f"Bearer {signer.token()}"})
+    assert response.status_code == status
+    if reason is None:
+        assert response.content == DB_7000  # slurmdbd's own answer, passed on
+    else:
+        assert response.json()["slurmproxy"]["reason"] == reason
+    (probe_request,) = [r for r in upstream.get_requests() if r.url.path.endswith("/licenses")]
+    jobs = [r for r in upstream.get_requests() if r.url.path == DB_JOBS]
+    assert probe_request.headers["x-slurm-user-token"] == jobs[0].headers["x-slurm-user-token"]
+
+
+@pytest.mark.anyio
+async def test_22_05_accounting_200_with_1007_is_a_rejection(
+    tmp_path: Path, httpx_mock: HTTPXMock, signer: Signer, upstream: Upstream
+) -> None:
+    upstream.add_response(url=f"{UPSTREAM}/slurmdb/v0.0.38/jobs", status_code=200, content=AUTH_1007)
+    async with app_client(make_settings(tmp_path, ACCOUNTING_POLICY)) as client:
+        response = await client.get("/slurmdb/v0.0.38/jobs", headers={"Authorization": f"Bearer {signer.token()}"})
+    assert response.status_code == 502 and response.json()["slurmproxy"]["reason"] == "upstream_auth_failed"

@@ -1,41 +1,45 @@
-"""Strict parsing of job request bodies: JSON, then the body's shape, then each known field's type.
+"""Strict parsing of job request bodies: JSON, then the body's shape, then each field's value.
 
 Everything here is independent of the policy: a body that is not JSON, has duplicate keys, the
-wrong shape or a field of the wrong type is a 400; a body that sets ``user_id`` or ``group_id``
-(in any letter case: v0.0.38 matches keys case-insensitively) is a 403 whatever the rule. Which
-other fields and values are allowed is the rule's business (:mod:`slurmproxy.jobs.limits`).
+wrong shape, or a field whose value is not what the request's API version takes (its OpenAPI
+document, :mod:`slurmproxy.policy.jobs.schema`) is a 400 naming the field; a body that sets
+``user_id`` or ``group_id`` (in any letter case: v0.0.38 matches keys case-insensitively) is a 403
+whatever the rule. Which fields and values are allowed is the rule's business
+(:mod:`slurmproxy.policy.jobs.limits`).
+
+``null`` for a field means "not set". Where the version's slurmrestd takes it so (measured per
+field and version), the field is left out of the document that is checked and forwarded; where
+slurmrestd refuses null or crashes on it (22.05 on ``argv``), it is refused with 400.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from slurmproxy.core.slurmrest import Dialect, JobKind
 from slurmproxy.errors import JobBodyError, JobPolicyError
-from slurmproxy.policy.jobs.fields import FIELDS, FORBIDDEN_FIELDS, Kind
+from slurmproxy.policy.jobs.fields import CRASHES_SLURMRESTD, FORBIDDEN_FIELDS
+from slurmproxy.policy.jobs.schema import VersionRules, conforms, describe, rules_for
 
 MAX_COMPONENTS = 128
-MAX_INT = 2**63 - 1
-_NODES_COUNT = re.compile(r"\d{1,9}(?:-\d{1,9})?(?:,\d{1,9}(?:-\d{1,9})?)*")
-_TOP_LEVEL: dict[JobKind, tuple[str, ...]] = {
-    "submit": ("script", "job", "jobs"),
-    "allocate": ("job", "hetjob"),
-    "update": (),
-}
 
 
 @dataclass
 class JobBody:
-    """A parsed body. ``components`` are the job descriptions in it, each with its location."""
+    """A parsed body. ``components`` are the job descriptions in it, each with its location; ``rules``
+    the API version's job-body rules it was checked against."""
 
     kind: JobKind
     dialect: Dialect
     document: dict[str, Any]
     components: list[tuple[str, dict[str, Any]]]
+    rules: VersionRules
+
+    @property
+    def version(self) -> str:
+        return self.rules.version
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -68,69 +72,49 @@ def parse_json(raw: bytes) -> Any:
         raise JobBodyError(f"the body is not valid JSON ({exc})", reason="bad_json") from exc
 
 
-def _str(value: Any) -> bool:
-    return isinstance(value, str) and "\x00" not in value
+def body_error(field: str, detail: str) -> JobBodyError:
+    error = JobBodyError(detail)
+    error.fields["field"] = field
+    return error
 
 
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT
+def _env_list(value: list[str]) -> bool:
+    return all("=" in v and not v.startswith("=") for v in value)
 
 
-def _number(value: Any) -> bool:
-    if _int(value):
-        return True
-    if not isinstance(value, dict) or not set(value) <= {"set", "infinite", "number"}:
-        return False
-    return all(isinstance(value.get(k, False), bool) for k in ("set", "infinite")) and (
-        "number" not in value or _int(value["number"])
-    )
+def _env_object(value: dict[str, Any]) -> bool:
+    return all(k and "=" not in k and isinstance(v, str) and "\x00" not in v for k, v in value.items())
 
 
-def _env_list(value: Any) -> bool:
-    return isinstance(value, list) and all(_str(v) and "=" in v and not v.startswith("=") for v in value)
-
-
-def _env_object(value: Any) -> bool:
-    return isinstance(value, dict) and all(k and "=" not in k and _str(v) for k, v in value.items())
-
-
-def _nodes_range(value: Any) -> bool:
-    return isinstance(value, list) and 1 <= len(value) <= 2 and all(_int(v) and v >= 1 for v in value)
-
-
-def _nodes_count(value: Any) -> bool:
-    return (_int(value) and value >= 1) or (isinstance(value, str) and _NODES_COUNT.fullmatch(value) is not None)
-
-
-CHECKS: dict[Kind, tuple[Callable[[Any], bool], str]] = {
-    "str": (_str, "a string"),
-    "int": (_int, "a non-negative integer"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "strs": (lambda v: isinstance(v, list) and all(_str(s) for s in v), "a list of strings"),
-    "flags": (lambda v: _str(v) or (isinstance(v, list) and all(_str(s) for s in v)), "a string or list of strings"),
-    "number": (_number, 'an integer or {"set": …, "infinite": …, "number": …}'),
-    "env_object": (_env_object, 'an object of NAME: "value" strings (v0.0.38)'),
-    "env_list": (_env_list, 'a list of "NAME=value" strings (v0.0.39 and later)'),
-    "nodes_range": (_nodes_range, "[min] or [min, max] node counts"),
-    "nodes_count": (_nodes_count, 'a node count or range such as "2" or "1-4"'),
-}
-
-
-def _check_component(where: str, component: Any, dialect: Dialect) -> dict[str, Any]:
+def _check_component(where: str, component: Any, rules: VersionRules) -> dict[str, Any]:
+    """The job description without its nulls-that-mean-unset; 400 for a value of the wrong shape."""
     if not isinstance(component, dict):
-        raise JobBodyError(f"{where or 'the body'} must be a JSON object (a job description)")
-    fields = FIELDS[dialect]
+        raise body_error(where, f"{where or 'the body'} must be a JSON object (a job description)")
+    out: dict[str, Any] = {}
     for key, value in component.items():
         name = f"{where}.{key}" if where else key
         if key.lower() in FORBIDDEN_FIELDS:
             raise JobPolicyError(name, f"{name} is not allowed: the proxy decides which user runs the job")
-        kind = fields.get(key)
-        if kind is None:
-            continue  # unknown here; the rule decides (extra_fields), see slurmproxy.jobs.limits
-        check, wanted = CHECKS[kind]
-        if not check(value):
-            raise JobBodyError(f"{name} must be {wanted}")
-    return component
+        shape = rules.fields.get(key)
+        if shape is None:
+            out[key] = value  # not a field of this version; the rule refuses it (slurmproxy.policy.jobs.limits)
+            continue
+        if value is None:
+            if not rules.takes_null(key):
+                raise body_error(name, f"{name}: {rules.null_refusal(key)}")
+            continue
+        if not conforms(value, shape, rules.dialect):
+            raise body_error(name, f"{name} must be {describe(shape)} ({rules.version})")
+        crash = CRASHES_SLURMRESTD.get(rules.version, {}).get(key)
+        if crash is not None and value:
+            raise JobPolicyError(
+                name, f"{name} is not forwarded to {rules.version}: {crash}", reason="job_field_unsafe"
+            )
+        if key == "environment" and not (_env_list(value) if isinstance(value, list) else _env_object(value)):
+            wanted = 'a list of "NAME=value" strings' if rules.dialect == "data_parser" else 'NAME: "value" pairs'
+            raise body_error(name, f"{name} must be {wanted}")
+        out[key] = value
+    return out
 
 
 def locate(kind: JobKind, document: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -144,24 +128,38 @@ def locate(kind: JobKind, document: dict[str, Any]) -> list[tuple[str, Any]]:
         return [(single, document[single])]
     items = document[many]
     if not isinstance(items, list) or not items or len(items) > MAX_COMPONENTS:
-        raise JobBodyError(f"{many} must be a list of 1 to {MAX_COMPONENTS} job descriptions")
+        raise body_error(many, f"{many} must be a list of 1 to {MAX_COMPONENTS} job descriptions")
     return [(f"{many}[{n}]", item) for n, item in enumerate(items)]
 
 
-def parse_job_body(kind: JobKind, dialect: Dialect, raw: bytes) -> JobBody:
-    """The body, parsed and shape-checked; raises JobBodyError (400) or JobPolicyError (403)."""
+def _place(kind: JobKind, document: dict[str, Any], checked: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The document with its job descriptions replaced by the checked ones."""
+    if kind == "update":
+        return checked[0][1]
+    out = dict(document)
+    key = next(k for k in ("job", "jobs", "hetjob") if k in document)
+    out[key] = checked[0][1] if key == "job" else [component for _, component in checked]
+    return out
+
+
+def parse_job_body(kind: JobKind, version: str, raw: bytes) -> JobBody:
+    """The body, parsed and shape-checked for ``version``; raises JobBodyError (400) or JobPolicyError (403)."""
+    rules = rules_for(version)
     document = parse_json(raw)
     if not isinstance(document, dict):
         raise JobBodyError("the body must be a JSON object")
-    allowed_top = _TOP_LEVEL[kind]
-    if kind != "update":
-        for key in document:
-            if key.lower() in FORBIDDEN_FIELDS:
-                raise JobPolicyError(key, f"{key} is not allowed: the proxy decides which user runs the job")
-            if key not in allowed_top:
-                allowed = ", ".join(allowed_top)
-                raise JobPolicyError(key, f"{key!r} is not allowed at the top of a {kind} body ({allowed})")
-        if "script" in document and not _str(document["script"]):
-            raise JobBodyError("script must be a string")
-    components = [(where, _check_component(where, item, dialect)) for where, item in locate(kind, document)]
-    return JobBody(kind, dialect, document, components)
+    top = rules.top_level(kind)
+    for key in document if kind != "update" else ():
+        if key.lower() in FORBIDDEN_FIELDS:
+            raise JobPolicyError(key, f"{key} is not allowed: the proxy decides which user runs the job")
+        if key not in top:
+            raise JobPolicyError(key, f"{key!r} is not allowed at the top of a {kind} body ({', '.join(top)})")
+    if kind != "update" and "script" in document:
+        script = document["script"]
+        if script is None and rules.takes_null("script"):
+            document = {k: v for k, v in document.items() if k != "script"}
+        elif not (isinstance(script, str) and "\x00" not in script):
+            raise body_error("script", "script must be a string")
+    checked = [(where, _check_component(where, item, rules)) for where, item in locate(kind, document)]
+    document = _place(kind, document, checked)
+    return JobBody(kind, rules.dialect, document, locate(kind, document), rules)

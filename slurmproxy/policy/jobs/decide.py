@@ -6,7 +6,8 @@ A job request is ``POST /slurm/{version}/job/submit``, ``…/job/allocate`` or `
 shape (400). Then, among the rules that admit the caller and allow the operation, in evaluation
 order, the first whose job constraints the body meets decides; its defaults are filled in and
 exactly that document is forwarded. If every such rule refuses the body, the first refusal is
-the answer (403, naming the field). Nothing refused ever reaches slurmrestd.
+the answer (403; its ``slurmproxy`` object names the ``rule`` and the ``field``). Nothing refused
+ever reaches slurmrestd.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slurmproxy.core.principal import Principal
-from slurmproxy.core.slurmrest import JobRequest, dialect_of
+from slurmproxy.core.slurmrest import JobRequest
 from slurmproxy.errors import JobPolicyError, PayloadTooLargeError, UnsupportedMediaTypeError
 from slurmproxy.policy.jobs.body import JobBody, parse_job_body
 from slurmproxy.policy.jobs.limits import apply_limits
@@ -74,6 +75,7 @@ def first_accepting(job: JobBody, rules: Iterable[Candidate]) -> tuple[Candidate
     detail = f"rule {rule_id}: {first.detail}" + (f" (also refused by {others})" if others else "")
     refusal = JobPolicyError(first.field, detail, reason=first.reason)
     refusal.rule_id = rule_id
+    refusal.fields["rule"] = rule_id
     raise refusal
 
 
@@ -81,6 +83,6 @@ def decide_job(
     policy: Policy, principal: Principal, method: str, path: str, request: JobRequest, raw: bytes
 ) -> JobDecision:
     """Parse and check the body against the candidate rules; the decision and the exact bytes to forward."""
-    job = parse_job_body(request.kind, dialect_of(request.version), raw)
+    job = parse_job_body(request.kind, request.version, raw)
     candidate, document, refused = first_accepting(job, candidates(policy, principal, method, path))
     return JobDecision(allowed(candidate), encode(document), document, tuple(refused))

@@ -1,144 +1,166 @@
-"""The job fields a caller may set, and the kind of value each takes, per body dialect.
+"""Which job fields a caller may set, and which of them add CPUs, nodes, GPUs, memory or array tasks.
 
-Two dialects (slurmrestd's ``openapi/v0.0.38`` and ``data_parser`` plugins):
+The value each field takes is not written here: it comes from each API version's OpenAPI document
+(:mod:`slurmproxy.policy.jobs.schema`). This module is the policy part, by name:
 
-* ``legacy``: v0.0.36 to v0.0.38 (Slurm 22.05 and older): ``environment`` is an object, numbers are
-  plain integers, ``nodes`` is ``[min, max]``;
-* ``data_parser``: v0.0.39 and later (Slurm 23.02 and newer): ``environment`` is a list of ``K=V``
-  strings, time limits and memory are an integer or ``{"set", "infinite", "number"}``, flags are
-  lists of strings, ``nodes`` is a count or range as a string.
-
-The lists are allow-lists: a field that is not here (or in a rule's ``job.extra_fields``) is
-refused with 403, because from v0.0.39 on slurmrestd only *warns* about fields it does not know
-and submits the job anyway. ``user_id`` and ``group_id`` are never allowed: the proxy, not the
-caller, decides who runs the job.
+* ``ALLOWED``: the built-in allow-list. A field must be on it (or in a rule's ``job.extra_fields``)
+  **and** be a field of the request's API version, else it is refused with 403: from v0.0.39 on
+  slurmrestd only *warns* about fields it does not know and submits the job anyway. v0.0.38 names
+  that later versions dropped (``gres``, ``gpus``, ``exclusive``, ``oversubscribe``, …) are on the
+  list; the version's document decides where they exist.
+* ``FORBIDDEN_FIELDS``: ``user_id`` and ``group_id``, never allowed: the proxy, not the caller,
+  decides who runs the job.
+* ``RESOURCE_FIELDS``: every field that can add CPUs, nodes, GPUs, memory or array tasks, in either
+  dialect. :mod:`slurmproxy.policy.jobs.limits` counts them (or refuses those it cannot count) under
+  a rule that limits a resource, and refuses them in updates under such a rule.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
-from slurmproxy.core.slurmrest import Dialect
-
-# Kinds of value: see slurmproxy.jobs.body.check_value.
-Kind = Literal["str", "int", "bool", "strs", "flags", "number", "env_object", "env_list", "nodes_range", "nodes_count"]
-
 FORBIDDEN_FIELDS = frozenset({"user_id", "group_id"})
 
-_COMMON: dict[str, Kind] = {
-    "account": "str",
-    "partition": "str",
-    "qos": "str",
-    "reservation": "str",
-    "wckey": "str",
-    "name": "str",
-    "comment": "str",
-    "current_working_directory": "str",
-    "standard_output": "str",
-    "standard_error": "str",
-    "standard_input": "str",
-    "constraints": "str",
-    "dependency": "str",
-    "mail_user": "str",
-    "licenses": "str",
-    "array": "str",
-    "account_gather_frequency": "str",
-    "cpu_binding": "str",
-    "cpu_frequency": "str",
-    "memory_binding": "str",
-    "distribution": "str",
-    "prefer": "str",
-    "argv": "strs",
-    "tasks": "int",
-    "cpus_per_task": "int",
-    "tasks_per_node": "int",
-    "tasks_per_core": "int",
-    "tasks_per_socket": "int",
-    "threads_per_core": "int",
-    "cores_per_socket": "int",
-    "sockets_per_node": "int",
-    "minimum_cpus_per_node": "int",
-    "nice": "int",
-    "delay_boot": "int",
-    "hold": "bool",
-    "requeue": "bool",
-    "oversubscribe": "bool",
-    "wait_all_nodes": "bool",
-}
+ALLOWED = frozenset(
+    {
+        # who, where, what
+        "account",
+        "partition",
+        "qos",
+        "reservation",
+        "wckey",
+        "name",
+        "comment",
+        "extra",
+        "script",
+        "argv",
+        "environment",
+        "current_working_directory",
+        "standard_output",
+        "standard_error",
+        "standard_input",
+        "open_mode",
+        "constraints",
+        "prefer",
+        "dependency",
+        "licenses",
+        "mail_user",
+        "mail_type",
+        "account_gather_frequency",
+        "nice",
+        "hold",
+        "requeue",
+        "begin_time",
+        "deadline",
+        "delay_boot",
+        "wait_all_nodes",
+        "signal",
+        "kill_on_node_fail",
+        "kill_warning_flags",
+        "kill_warning_signal",
+        "kill_warning_delay",
+        "get_user_environment",
+        "kill_on_invalid_dependency",
+        "no_kill",
+        # time
+        "time_limit",
+        "time_minimum",
+        # nodes
+        "nodes",
+        "minimum_nodes",
+        "maximum_nodes",
+        "required_nodes",
+        "excluded_nodes",
+        "contiguous",
+        "spread_job",
+        # tasks and CPUs
+        "array",
+        "tasks",
+        "cpus_per_task",
+        "tasks_per_node",
+        "tasks_per_core",
+        "tasks_per_socket",
+        "threads_per_core",
+        "cores_per_socket",
+        "sockets_per_node",
+        "minimum_cpus",
+        "maximum_cpus",
+        "minimum_cpus_per_node",
+        "exclusive",
+        "shared",
+        "oversubscribe",
+        "cpu_binding",
+        "cpu_binding_flags",
+        "cpu_binding_hint",
+        "cpu_frequency",
+        "distribution",
+        "distribution_plane_size",
+        # memory, disk
+        "memory_per_cpu",
+        "memory_per_node",
+        "memory_per_gpu",
+        "memory_per_tres",
+        "memory_binding",
+        "memory_binding_type",
+        "temporary_disk_per_node",
+        # GPUs and other trackable resources
+        "gres",
+        "gres_flags",
+        "gpus",
+        "gpus_per_node",
+        "gpus_per_socket",
+        "gpus_per_task",
+        "cpus_per_gpu",
+        "gpu_binding",
+        "gpu_frequency",
+        "tres_per_job",
+        "tres_per_node",
+        "tres_per_socket",
+        "tres_per_task",
+        "tres_bind",
+        "tres_freq",
+        "cpus_per_tres",
+        "ntasks_per_tres",
+    }
+)
 
-_LEGACY: dict[str, Kind] = {
-    **_COMMON,
-    "environment": "env_object",
-    "time_limit": "int",
-    "time_minimum": "int",
-    "begin_time": "int",
-    "deadline": "str",
-    "memory_per_cpu": "int",
-    "memory_per_node": "int",
-    "memory_per_gpu": "int",
-    "nodes": "nodes_range",
-    "minimum_nodes": "bool",
-    "exclusive": "str",
-    "mail_type": "str",
-    "open_mode": "str",
-    "signal": "str",
-    "get_user_environment": "bool",
-    "kill_on_invalid_dependency": "bool",
-    "no_kill": "bool",
-    "spread_job": "bool",
-    "gres": "str",
-    "gres_flags": "str",
-    "gpus": "str",
-    "gpus_per_node": "str",
-    "gpus_per_socket": "str",
-    "gpus_per_task": "str",
-    "cpus_per_gpu": "str",
-    "gpu_binding": "str",
-    "gpu_frequency": "str",
-    "cpu_binding_hint": "str",
-}
+NODE_FIELDS = frozenset({"nodes", "minimum_nodes", "maximum_nodes", "required_nodes"})
+CPU_FIELDS = frozenset(
+    {
+        "tasks",
+        "cpus_per_task",
+        "tasks_per_node",
+        "minimum_cpus",
+        "maximum_cpus",
+        "minimum_cpus_per_node",
+        "cpus_per_tres",
+        "cpus_per_gpu",
+        "ntasks_per_tres",
+    }
+)
+GPU_FIELDS = frozenset(
+    {
+        "gres",
+        "gpus",
+        "gpus_per_node",
+        "gpus_per_socket",
+        "gpus_per_task",
+        "tres_per_job",
+        "tres_per_node",
+        "tres_per_socket",
+        "tres_per_task",
+    }
+)
+MEMORY_FIELDS = frozenset({"memory_per_cpu", "memory_per_node", "memory_per_gpu", "memory_per_tres"})
+WHOLE_NODE_FIELDS = frozenset({"exclusive", "shared", "oversubscribe", "core_specification", "thread_specification"})
+"""Fields that can give the job whole nodes (every CPU and GPU on them) whatever it counts."""
+THREAD_FIELDS = frozenset({"threads_per_core", "tasks_per_core", "cpu_binding_hint"})
+"""Fields that make Slurm allocate whole cores: up to threads-per-core times the CPUs counted."""
+RESOURCE_FIELDS = NODE_FIELDS | CPU_FIELDS | GPU_FIELDS | MEMORY_FIELDS | WHOLE_NODE_FIELDS | THREAD_FIELDS | {"array"}
 
-_DATA_PARSER: dict[str, Kind] = {
-    **_COMMON,
-    "environment": "env_list",
-    "script": "str",
-    "time_limit": "number",
-    "time_minimum": "number",
-    "begin_time": "number",
-    "deadline": "int",
-    "memory_per_cpu": "number",
-    "memory_per_node": "number",
-    "memory_per_tres": "str",
-    "nodes": "nodes_count",
-    "minimum_nodes": "int",
-    "maximum_nodes": "int",
-    "minimum_cpus": "int",
-    "maximum_cpus": "int",
-    "exclusive": "flags",
-    "shared": "flags",
-    "mail_type": "flags",
-    "open_mode": "flags",
-    "cpu_binding_flags": "flags",
-    "memory_binding_type": "flags",
-    "excluded_nodes": "flags",
-    "required_nodes": "flags",
-    "kill_on_node_fail": "bool",
-    "kill_warning_flags": "flags",
-    "kill_warning_signal": "str",
-    "kill_warning_delay": "number",
-    "tres_per_job": "str",
-    "tres_per_node": "str",
-    "tres_per_socket": "str",
-    "tres_per_task": "str",
-    "tres_bind": "str",
-    "tres_freq": "str",
-    "cpus_per_tres": "str",
-    "ntasks_per_tres": "int",
-    "contiguous": "bool",
-    "temporary_disk_per_node": "int",
-    "distribution_plane_size": "number",
-    "extra": "str",
+CRASHES_SLURMRESTD: dict[str, dict[str, str]] = {
+    "v0.0.38": {"argv": "slurmrestd 22.05 crashes on any argv but an empty list (measured with 22.05.8)"},
 }
+"""Values a version's slurmrestd crashes on (beyond ``null``, which the committed rules cover): refused
+whatever the rule, so that no caller can take slurmrestd down for everyone."""
 
-FIELDS: dict[Dialect, dict[str, Kind]] = {"legacy": _LEGACY, "data_parser": _DATA_PARSER}
-KNOWN_FIELDS = frozenset(_LEGACY) | frozenset(_DATA_PARSER)
+KNOWN_FIELDS = ALLOWED
+"""The fields a rule's ``extra_fields`` need not (and may not) name again."""

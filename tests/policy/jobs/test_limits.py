@@ -35,7 +35,7 @@ def job40(**fields: Any) -> dict[str, Any]:
 
 
 def apply(
-    body: dict[str, Any], limits: JobLimits | None = VO_A, *, dialect: Any = "data_parser", kind: Any = "submit"
+    body: dict[str, Any], limits: JobLimits | None = VO_A, *, dialect: Any = "v0.0.40", kind: Any = "submit"
 ) -> dict[str, Any]:
     return apply_limits(parse_job_body(kind, dialect, json.dumps(body).encode()), limits)
 
@@ -45,13 +45,13 @@ def apply(
     [
         pytest.param(
             job38(),
-            "legacy",
+            "v0.0.38",
             {"account": "vo-a", "partition": "debug", "qos": "normal", "time_limit": 30, "nodes": [1, 2]},
             id="38-all-defaults",
         ),
         pytest.param(
             job40(),
-            "data_parser",
+            "v0.0.40",
             {
                 "account": "vo-a",
                 "partition": "debug",
@@ -63,25 +63,25 @@ def apply(
         ),
         pytest.param(
             job38(account="vo-a-extra", partition="long", time_limit=120, nodes=[2]),
-            "legacy",
+            "v0.0.38",
             {"account": "vo-a-extra", "partition": "long", "qos": "normal", "time_limit": 120, "nodes": [2]},
             id="38-explicit-values-kept",
         ),
         pytest.param(
             job40(partition="debug,long", time_limit=60, nodes="1-2"),
-            "data_parser",
+            "v0.0.40",
             {"account": "vo-a", "partition": "debug,long", "qos": "normal", "time_limit": 60, "nodes": "1-2"},
             id="40-partition-list-plain-int-time",
         ),
         pytest.param(
             job40(time_limit={"set": False, "number": 0}),
-            "data_parser",
+            "v0.0.40",
             {"time_limit": {"set": True, "infinite": False, "number": 30}},
             id="40-unset-time-gets-default",
         ),
         pytest.param(
             job40(minimum_nodes=2),
-            "data_parser",
+            "v0.0.40",
             {"minimum_nodes": 2, "maximum_nodes": 2},
             id="40-minimum-nodes-gets-maximum",
         ),
@@ -100,42 +100,40 @@ def test_defaults_are_filled_and_allowed_values_kept(
 @pytest.mark.parametrize(
     ("body", "dialect", "field", "reason"),
     [
-        pytest.param(job38(account="vo-b"), "legacy", "job.account", "job_account_not_allowed", id="38-account"),
-        pytest.param(job40(account="vo-b"), "data_parser", "job.account", "job_account_not_allowed", id="40-account"),
-        pytest.param(job40(account="VO-A"), "data_parser", "job.account", "job_account_not_allowed", id="case"),
-        pytest.param(job38(partition="gpu"), "legacy", "job.partition", "job_partition_not_allowed", id="partition"),
+        pytest.param(job38(account="vo-b"), "v0.0.38", "job.account", "job_account_not_allowed", id="38-account"),
+        pytest.param(job40(account="vo-b"), "v0.0.40", "job.account", "job_account_not_allowed", id="40-account"),
+        pytest.param(job40(account="VO-A"), "v0.0.40", "job.account", "job_account_not_allowed", id="case"),
+        pytest.param(job38(partition="gpu"), "v0.0.38", "job.partition", "job_partition_not_allowed", id="partition"),
         pytest.param(
-            job40(partition="debug,gpu"), "data_parser", "job.partition", "job_partition_not_allowed", id="part-list"
+            job40(partition="debug,gpu"), "v0.0.40", "job.partition", "job_partition_not_allowed", id="part-list"
         ),
-        pytest.param(job40(qos="high"), "data_parser", "job.qos", "job_qos_not_allowed", id="qos"),
-        pytest.param(job38(time_limit=121), "legacy", "job.time_limit", "job_time_limit_exceeded", id="38-time"),
+        pytest.param(job40(qos="high"), "v0.0.40", "job.qos", "job_qos_not_allowed", id="qos"),
+        pytest.param(job38(time_limit=121), "v0.0.38", "job.time_limit", "job_time_limit_exceeded", id="38-time"),
         pytest.param(
             job40(time_limit={"set": True, "number": 121}),
-            "data_parser",
+            "v0.0.40",
             "job.time_limit",
             "job_time_limit_exceeded",
             id="40-time-struct",
         ),
         pytest.param(
-            job40(time_limit={"infinite": True}), "data_parser", "job.time_limit", "job_time_limit_exceeded", id="inf"
+            job40(time_limit={"infinite": True}), "v0.0.40", "job.time_limit", "job_time_limit_exceeded", id="inf"
         ),
-        pytest.param(job38(time_limit=4294967294), "legacy", "job.time_limit", "job_time_limit_exceeded", id="38-inf"),
-        pytest.param(job40(time_minimum=500), "data_parser", "job.time_minimum", "job_time_limit_exceeded", id="min"),
-        pytest.param(job38(nodes=[1, 3]), "legacy", "job.nodes", "job_nodes_exceeded", id="38-nodes"),
-        pytest.param(job40(nodes="4"), "data_parser", "job.nodes", "job_nodes_exceeded", id="40-nodes"),
-        pytest.param(job40(nodes="1,3"), "data_parser", "job.nodes", "job_nodes_exceeded", id="40-node-list"),
-        pytest.param(job40(maximum_nodes=3), "data_parser", "job.nodes", "job_nodes_exceeded", id="40-max-nodes"),
-        pytest.param(job40(minimum_nodes=3), "data_parser", "job.nodes", "job_nodes_exceeded", id="40-min-nodes"),
-        pytest.param(job40(tasks=9), "data_parser", "job.tasks", "job_cpus_exceeded", id="tasks"),
-        pytest.param(job38(tasks=3, cpus_per_task=3), "legacy", "job.tasks", "job_cpus_exceeded", id="tasks-x-cpus"),
-        pytest.param(job40(minimum_cpus=9), "data_parser", "job.tasks", "job_cpus_exceeded", id="minimum-cpus"),
-        pytest.param(
-            job40(tasks_per_node=5, nodes="2"), "data_parser", "job.tasks", "job_cpus_exceeded", id="per-node"
-        ),
-        pytest.param(job40(burst_buffer="x"), "data_parser", "job.burst_buffer", "job_field_not_allowed", id="unknown"),
-        pytest.param(job38(script="x"), "legacy", "job.script", "job_field_not_allowed", id="38-script-in-job"),
-        pytest.param(job40(Account="vo-b"), "data_parser", "job.Account", "job_field_not_allowed", id="key-case"),
-        pytest.param(job40(priority=1), "data_parser", "job.priority", "job_field_not_allowed", id="priority"),
+        pytest.param(job38(time_limit=4294967294), "v0.0.38", "job.time_limit", "job_time_limit_exceeded", id="38-inf"),
+        pytest.param(job40(time_minimum=500), "v0.0.40", "job.time_minimum", "job_time_limit_exceeded", id="min"),
+        pytest.param(job38(nodes=[1, 3]), "v0.0.38", "job.nodes", "job_nodes_exceeded", id="38-nodes"),
+        pytest.param(job40(nodes="4"), "v0.0.40", "job.nodes", "job_nodes_exceeded", id="40-nodes"),
+        pytest.param(job40(nodes="1,3"), "v0.0.40", "job.nodes", "job_nodes_exceeded", id="40-node-list"),
+        pytest.param(job40(maximum_nodes=3), "v0.0.40", "job.nodes", "job_nodes_exceeded", id="40-max-nodes"),
+        pytest.param(job40(minimum_nodes=3), "v0.0.40", "job.nodes", "job_nodes_exceeded", id="40-min-nodes"),
+        pytest.param(job40(tasks=9), "v0.0.40", "job.tasks", "job_cpus_exceeded", id="tasks"),
+        pytest.param(job38(tasks=3, cpus_per_task=3), "v0.0.38", "job.tasks", "job_cpus_exceeded", id="tasks-x-cpus"),
+        pytest.param(job40(minimum_cpus=9), "v0.0.40", "job.tasks", "job_cpus_exceeded", id="minimum-cpus"),
+        pytest.param(job40(tasks_per_node=5, nodes="2"), "v0.0.40", "job.tasks", "job_cpus_exceeded", id="per-node"),
+        pytest.param(job40(burst_buffer="x"), "v0.0.40", "job.burst_buffer", "job_field_not_allowed", id="unknown"),
+        pytest.param(job38(script="x"), "v0.0.38", "job.script", "job_field_not_in_version", id="38-script-in-job"),
+        pytest.param(job40(Account="vo-b"), "v0.0.40", "job.Account", "job_field_not_allowed", id="key-case"),
+        pytest.param(job40(priority=1), "v0.0.40", "job.priority", "job_field_not_allowed", id="priority"),
     ],
 )
 def test_refusals_name_the_field(body: dict[str, Any], dialect: Any, field: str, reason: str) -> None:
@@ -169,9 +167,9 @@ def test_het_job_nodes_and_cpus_are_summed() -> None:
 @pytest.mark.parametrize(
     ("body", "dialect"),
     [
-        pytest.param({"partition": "long", "time_limit": 100}, "legacy", id="38"),
-        pytest.param({"partition": "long", "time_limit": {"set": True, "number": 100}}, "data_parser", id="40"),
-        pytest.param({"comment": "hello"}, "data_parser", id="nothing-restricted"),
+        pytest.param({"partition": "long", "time_limit": 100}, "v0.0.38", id="38"),
+        pytest.param({"partition": "long", "time_limit": {"set": True, "number": 100}}, "v0.0.40", id="40"),
+        pytest.param({"comment": "hello"}, "v0.0.40", id="nothing-restricted"),
     ],
 )
 def test_updates_are_checked_but_never_filled(body: dict[str, Any], dialect: Any) -> None:
