@@ -4,11 +4,17 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 from pytest_httpx import HTTPXMock
 
 from tests import helpers
 from tests.fakeupstream import ThreadedFakeSlurmrestd
 from tests.helpers import ISSUER, JWKS_URI, UPSTREAM, Signer, discovery
+
+# Property tests check properties, not speed: on a loaded machine (both cores busy) an example may take
+# longer than Hypothesis' 200 ms deadline, and generating data may trip its "too slow" health check.
+settings.register_profile("loaded", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("loaded")
 
 
 @pytest.fixture(autouse=True)

@@ -53,6 +53,7 @@ class Load:
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
+    _in_flight: set[str] = field(default_factory=set)  # requests sent and not answered yet
 
     def start(self) -> Load:
         self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(self.workers)]
@@ -67,6 +68,7 @@ class Load:
             n += 1
             started = time.monotonic()
             outcome = Outcome(rid, started, 0.0)
+            self._in_flight.add(rid)
             try:
                 response = httpx.get(
                     self.url, headers={"Authorization": f"Bearer {self.token}", "X-Request-ID": rid}, timeout=BOUND
@@ -78,6 +80,7 @@ class Load:
                 outcome.error = type(exc).__name__
             outcome.elapsed = time.monotonic() - started
             self.outcomes.append(outcome)
+            self._in_flight.discard(rid)
             if outcome.error == "ConnectError" and self.stop_when_refused:
                 return
             time.sleep(0.02)
@@ -87,6 +90,13 @@ class Load:
         while not predicate(list(self.outcomes)):
             assert time.monotonic() < deadline, f"timed out waiting for {what}: {Counter(self.summary())}"
             time.sleep(0.1)
+
+    def wait_for_pending(self, count: int, timeout: float = 90) -> None:
+        """Until ``count`` requests are sent and not answered (held somewhere on their way)."""
+        deadline = time.monotonic() + timeout
+        while len(self._in_flight) < count:
+            assert time.monotonic() < deadline, f"only {len(self._in_flight)} requests pending, not {count}"
+            time.sleep(0.05)
 
     def __enter__(self) -> Load:
         return self.start()
@@ -203,7 +213,11 @@ def test_sigterm_under_load_completes_in_flight_requests_and_refuses_new_ones(
     slurm: SlurmCluster, oidc: OidcProvider, proxy_factory: ProxyFactory, api: str, request_id: str
 ) -> None:
     issuer = {"issuer": oidc.issuer, "audiences": [PROXY_AUDIENCE]}
-    server = proxy_factory(proxy_config(slurm, [issuer]), {"site.yaml": site_policy(oidc.issuer)})
+    # Without coalescing every worker's request goes to slurmrestd on its own: when slurmrestd is stopped
+    # just after reading one (no byte left in any socket queue), the next ones still queue at its socket,
+    # which is how the test sees requests held. Coalesced, they would all wait on the one already read.
+    config = proxy_config(slurm, [issuer], shield={"coalesce": False})
+    server = proxy_factory(config, {"site.yaml": site_policy(oidc.issuer)})
     assert server.proc is not None
     token = oidc.client_credentials_token("alice-cli")
     with Load(server.url + f"{api}/jobs", token, request_id, workers=6, stop_when_refused=True) as load:
@@ -215,7 +229,8 @@ def test_sigterm_under_load_completes_in_flight_requests_and_refuses_new_ones(
             while _requests_waiting_at(slurm.restd_port) < 1:
                 assert time.monotonic() < deadline, "no request reached slurmrestd"
                 time.sleep(0.05)
-            time.sleep(1.0)  # let the other workers' requests get there too (not needed for correctness)
+            # Every worker's request is now held (each sent its next one, which cannot be answered).
+            load.wait_for_pending(load.workers)
             in_flight = len(load.outcomes)
             signalled = time.monotonic()
             server.signal(signal.SIGTERM)

@@ -24,7 +24,7 @@ import pytest
 from devstack import SlurmCluster
 from devstack._proc import free_port, spawn, tail, wait_until
 from devstack.certs import TestPKI
-from devstack.provider import OidcProvider
+from devstack.provider import INTERACTIVE_CLIENT, OidcProvider
 from tests.integration import guide
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +56,7 @@ class Site:
                 "/etc/slurm/jwt_hs256.key": str(slurm.jwt_key_path),
                 "/run/slurmrestd/slurmrestd.socket": str(socket),
                 "https://aai.egi.eu/auth/realms/egi": oidc.issuer,
+                "my-oidc-agent-client": INTERACTIVE_CLIENT,  # the client alice's token below comes from
                 "slurmproxy.example.org:8443": f"127.0.0.1:{self.port}",
                 "8443": str(self.port),
                 "/home/alice": str(slurm.job_dir("alice")),
@@ -171,7 +172,9 @@ def test_the_guide_runs(site: Site, guide_slurm: SlurmCluster) -> None:
     audit = site.root / "var" / "log" / "slurmproxy" / "audit.log"
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     submitted = [r for r in records if r["request_id"] == "first-job"]
-    assert len(submitted) == 1, records[-5:]
+    # A submission is recorded twice: its intent before it was forwarded, its outcome (with the job id) after.
+    assert [r["kind"] for r in submitted] == ["intent", "outcome"], records[-5:]
+    submitted = submitted[1:]
     job_id = submitted[0]["job_id"]
     assert guide_slurm.wait_job(job_id)["UserId"] == "alice(2001)"
 

@@ -55,13 +55,23 @@ async def test_valid_token_gives_principal_with_entitlements(httpx_mock: HTTPXMo
     assert token.split(".")[2] not in repr(principal)
 
 
+class FromNow(int):
+    """A time claim given as seconds from when the test runs (parameters are made at collection, which
+    can be many minutes before a test runs in a long suite)."""
+
+
+def at_run_time(claims: dict[str, Any]) -> dict[str, Any]:
+    now = int(time.time())
+    return {k: now + v if isinstance(v, FromNow) else v for k, v in claims.items()}
+
+
 @pytest.mark.parametrize(
     ("claims", "header", "reason"),
     [
-        pytest.param({"exp": int(time.time()) - 120}, {}, "token_expired", id="expired"),
+        pytest.param({"exp": FromNow(-120)}, {}, "token_expired", id="expired"),
         pytest.param({"exp": None}, {}, "missing_exp", id="no-exp"),
-        pytest.param({"nbf": int(time.time()) + 600}, {}, "token_not_yet_valid", id="nbf-future"),
-        pytest.param({"iat": int(time.time()) + 3600}, {}, "token_issued_in_future", id="iat-future"),
+        pytest.param({"nbf": FromNow(600)}, {}, "token_not_yet_valid", id="nbf-future"),
+        pytest.param({"iat": FromNow(3600)}, {}, "token_issued_in_future", id="iat-future"),
         pytest.param({"aud": "someone-else"}, {}, "wrong_audience", id="wrong-aud"),
         pytest.param({"aud": None}, {}, "wrong_audience", id="no-aud"),
         pytest.param({"sub": None}, {}, "missing_subject", id="no-sub"),
@@ -77,7 +87,7 @@ async def test_claim_and_header_checks(
     _serve_keys(httpx_mock, signer)
     async with httpx.AsyncClient() as http:
         with pytest.raises(AuthenticationError) as err:
-            await _validator(http).authenticate([f"Bearer {signer.token(header=header, **claims)}"])
+            await _validator(http).authenticate([f"Bearer {signer.token(header=header, **at_run_time(claims))}"])
     assert err.value.reason == reason
     assert err.value.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
 
@@ -433,12 +443,18 @@ OPAQUE_INTROSPECT = f"{OPAQUE_ISSUER}/introspect"
 
 
 def _active(**extra: Any) -> dict[str, Any]:
+    """An introspection answer for an active token, its times as of now."""
+    return at_run_time(_answer(**extra))
+
+
+def _answer(**extra: Any) -> dict[str, Any]:
+    """The same with its times relative (for parameters: resolved when the test runs)."""
     return {
         "active": True,
         "iss": OPAQUE_ISSUER,
         "sub": "alice",
         "token_type": "Bearer",
-        "exp": int(time.time()) + 600,
+        "exp": FromNow(600),
         "eduperson_entitlement": [VO_MEMBER],
         **extra,
     }
@@ -479,14 +495,15 @@ async def test_opaque_token_is_validated_by_introspection_at_its_one_issuer(http
     ("answer", "reason"),
     [
         pytest.param({"active": False}, "token_inactive", id="revoked"),
-        pytest.param(_active(token_type=None), "wrong_token_type", id="refresh-token"),
-        pytest.param(_active(exp=int(time.time()) - 600), "token_expired", id="expired"),
-        pytest.param(_active(iss=ISSUER), "untrusted_issuer", id="other-issuer"),
-        pytest.param(_active(cnf={"jkt": "x"}), "wrong_token_type", id="dpop-bound"),
-        pytest.param(_active(sub=None), "missing_subject", id="no-subject"),
+        pytest.param(_answer(token_type=None), "wrong_token_type", id="refresh-token"),
+        pytest.param(_answer(exp=FromNow(-600)), "token_expired", id="expired"),
+        pytest.param(_answer(iss=ISSUER), "untrusted_issuer", id="other-issuer"),
+        pytest.param(_answer(cnf={"jkt": "x"}), "wrong_token_type", id="dpop-bound"),
+        pytest.param(_answer(sub=None), "missing_subject", id="no-subject"),
     ],
 )
 async def test_opaque_token_refusals(httpx_mock: HTTPXMock, answer: dict[str, Any], reason: str) -> None:
+    answer = at_run_time(answer)
     httpx_mock.add_response(url=OPAQUE_INTROSPECT, json={k: v for k, v in answer.items() if v is not None})
     async with httpx.AsyncClient() as http:
         with pytest.raises(AuthenticationError) as err:
