@@ -216,7 +216,7 @@ def test_sigterm_under_load_completes_in_flight_requests_and_refuses_new_ones(
     # Without coalescing every worker's request goes to slurmrestd on its own: when slurmrestd is stopped
     # just after reading one (no byte left in any socket queue), the next ones still queue at its socket,
     # which is how the test sees requests held. Coalesced, they would all wait on the one already read.
-    config = proxy_config(slurm, [issuer], shield={"coalesce": False})
+    config = proxy_config(slurm, [issuer], shield={"coalesce": False}, upstream={"max_connections_per_identity": 8})
     server = proxy_factory(config, {"site.yaml": site_policy(oidc.issuer)})
     assert server.proc is not None
     token = oidc.client_credentials_token("alice-cli")
